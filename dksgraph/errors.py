@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Every problem a user can cause (a wrong spec field, an unknown tap, a missing or hostile
+checkpoint) raises a :class:`DksError` whose message is one paragraph naming the problem and
+the fix. The CLI prints it and exits with status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DksError(Exception):
+    """A problem with the user's input, explained in one paragraph."""
+
+
+class SpecError(DksError):
+    """The spec file is missing, malformed or inconsistent."""
+
+
+class GraphError(DksError):
+    """The backbone cannot be traced, or a tap cannot be placed where the spec asks."""
+
+
+class CheckpointError(DksError):
+    """A checkpoint file is missing, corrupt, foreign or does not fit its spec."""
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
+    """Format the closest candidates to ``word`` for a "did you mean" hint ('' when none)."""
+    choices = list(dict.fromkeys(choices))
+    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    if not found:
+        found = [c for c in choices if word.lower() in c.lower()][:n]
+    return ", ".join(f"`{c}`" for c in found)

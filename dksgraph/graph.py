@@ -1,0 +1,444 @@
+"""Trace a backbone and describe its topology: shapes, downsampling counts, cut points, blocks, stages.
+
+:func:`trace` is the only place dksgraph runs ``torch.fx``. It traces the model twice (train and
+eval mode, since FX bakes ``self.training`` into the graph), names every node like torchvision's
+``get_graph_node_names`` does, propagates shapes at the spec's ``input_size`` and finds
+
+* **cut points**: nodes every input->output path passes through (dominators of the output);
+* **blocks**: building-block modules (children of a stage container) whose output is a cut point;
+* **stages**: runs of blocks at one resolution, keyed by their downsampling count d;
+* **final**: the final feature map f, the last block boundary before the head.
+
+Example::
+
+    >>> from dksgraph.models.cifar_resnet import resnet32
+    >>> t = trace(resnet32(), (3, 32, 32))
+    >>> t.final, t.d[t.final], [s.d for s in t.stages]
+    ('layer3.4.relu_1', 2, [0, 1, 2])
+    >>> t.resolve("layer1")
+    'layer1.4.relu_1'
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from dksgraph.errors import GraphError, close_matches
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class _PathTracer(fx.Tracer):
+    """An FX tracer that records a torchvision-style qualified name for every node."""
+
+    def __init__(self, leaf_modules: list[str]) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.leaf_modules = set(leaf_modules)
+        self._path = ""
+        self.failure_scope: str | None = None
+        self.qualnames: dict[fx.Node, str] = {}
+        self._seen: Counter[str] = Counter()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_modules or type(m).__name__ in self.leaf_modules:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        outer, self._path = self._path, self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_scope is None:
+                self.failure_scope = self._path
+            raise
+        finally:
+            self._path = outer
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "call_module":
+            base = str(target)
+        else:
+            op = re.sub(r"_\d+$", "", node.name)
+            base = f"{self._path}.{op}" if self._path else op
+        count = self._seen[base]
+        self._seen[base] += 1
+        self.qualnames[node] = base if count == 0 else f"{base}_{count}"
+        node.meta["qualname"] = self.qualnames[node]
+        return node
+
+
+@dataclass(frozen=True)
+class Block:
+    """A building-block module whose output is a cut point."""
+
+    path: str
+    module: nn.Module = field(repr=False, compare=False)
+    node: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    d_in: int
+    d: int
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The run of blocks at downsampling count ``d``; ``downsamples`` when its first block strides."""
+
+    d: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def end(self) -> Block:
+        return self.blocks[-1]
+
+    @property
+    def downsamples(self) -> bool:
+        return self.blocks[0].d_in == self.d - 1
+
+    @property
+    def name(self) -> str:
+        """The stage container's path when all blocks share one (``layer2``), else the block span."""
+        parents = {b.path.rpartition(".")[0] for b in self.blocks}
+        if len(parents) == 1 and "" not in parents:
+            return parents.pop()
+        return f"{self.blocks[0].path}..{self.blocks[-1].path}" if len(self.blocks) > 1 else self.blocks[0].path
+
+
+@dataclass
+class Traced:
+    """A traced backbone and everything dksgraph derives from its graph."""
+
+    model: nn.Module
+    input_size: tuple[int, int, int]
+    graphs: dict[bool, fx.Graph]
+    order: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    d: dict[str, int]
+    cut_points: list[str]
+    blocks: list[Block]
+    stages: list[Stage]
+    final: str
+    head: list[str]
+    aliases: dict[str, str]
+    module_end: dict[str, str]
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {q: i for i, q in enumerate(self.order)}
+
+    def alias(self, node: str) -> str:
+        """The shortest module path whose output is ``node`` (``layer2`` for ``layer2.3.relu_2``)."""
+        return self.aliases.get(node, node)
+
+    def valid_taps(self) -> list[str]:
+        """Cut points with a 4-D feature map before the final feature map, in graph order."""
+        idx = self.index
+        return [q for q in self.cut_points if len(self.shapes.get(q, ())) == 3 and idx[q] < idx[self.final]]
+
+    def stage_at(self, d: int) -> Stage | None:
+        return next((s for s in self.stages if s.d == d), None)
+
+    def resolve(self, at: str) -> str:
+        """The node a tap's ``at`` names: a node name, or a module path meaning that module's output."""
+        if at in self.shapes or at in self.order:
+            return at
+        if at in self.module_end:
+            return self.module_end[at]
+        choices = [self.alias(q) for q in self.valid_taps()] + self.valid_taps()
+        hint = close_matches(at, choices)
+        raise GraphError(
+            f"unknown tap `{at}`: no node or module of this backbone has that name"
+            + (f"; did you mean {hint}?" if hint else ".")
+            + " Run `dksgraph inspect` on the spec to list the valid taps."
+        )
+
+    def check_tap(self, at: str) -> str:
+        """Resolve ``at`` and refuse it unless a branch obeying the downsampling rule can start there."""
+        node = self.resolve(at)
+        idx = self.index
+        final_name = self.alias(self.final)
+        if idx[node] >= idx[self.final]:
+            raise GraphError(
+                f"tap `{at}` is at or after the final feature map `{final_name}`, where the backbone's own head "
+                f"takes over, so an auxiliary classifier there would duplicate `main`. Tap an earlier point; "
+                f"the deepest valid taps are {self._near(idx[self.final], before_only=True)}."
+            )
+        if node not in set(self.cut_points):
+            raise GraphError(
+                f"tap `{at}` is not a cut point: some path from the input to the output bypasses it (a skip "
+                f"connection or a parallel path), so a branch there would not see the whole signal. "
+                f"The nearest valid taps are {self._near(idx[node])}."
+            )
+        if len(self.shapes.get(node, ())) != 3:
+            raise GraphError(
+                f"tap `{at}` outputs shape {self.shapes.get(node)}, not a C x H x W feature map; tap a 4-D node "
+                f"such as {self._near(idx[node])}."
+            )
+        for k in range(self.d[node] + 1, self.d[self.final] + 1):
+            stage = self.stage_at(k)
+            if stage is None or not stage.downsamples:
+                where = f"it happens outside any building block" if stage is None else (
+                    f"stage `{stage.name}` does not start with a strided block")
+                first_ok = [self.alias(s.blocks[0].node) for s in self.stages if s.d >= k and s.downsamples]
+                raise GraphError(
+                    f"tap `{at}` (downsampling count {self.d[node]}) needs a branch stage that reproduces "
+                    f"downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the end "
+                    f"of the stage at count {k} instead"
+                    + (f" (e.g. {', '.join('`' + a + '`' for a in first_ok[:2])})." if first_ok else ".")
+                )
+        return node
+
+    def auto_taps(self) -> list[tuple[str, str, str]]:
+        """(label, node, reason) of DESIGN.md's automatic taps, deep to shallow."""
+        df = self.d[self.final]
+        chosen = []
+        if df > 0:
+            for label, k in (("c2", df - 1), ("c3", df - 2)):
+                stage = self.stage_at(k)
+                if stage is None:
+                    continue
+                node = stage.end.node
+                try:
+                    self.check_tap(node)
+                except GraphError:
+                    continue
+                reason = f"end of stage `{stage.name}` (count {k}), {df - k} stage(s) before the final feature map"
+                chosen.append((label, node, reason))
+        else:
+            ends = [b.node for b in self.blocks if b.node in set(self.valid_taps())]
+            for label, frac in (("c2", 2 / 3), ("c3", 1 / 3)):
+                if ends:
+                    node = ends[max(0, min(len(ends) - 1, round(len(ends) * frac) - 1))]
+                    if node not in [c[1] for c in chosen]:
+                        chosen.append((label, node, f"block at {frac:.0%} of the blocks (no downsampling)"))
+        return chosen
+
+    def _near(self, position: int, before_only: bool = False) -> str:
+        idx = self.index
+        taps = self.valid_taps()
+        before = [q for q in taps if idx[q] < position][-2:]
+        after = [] if before_only else [q for q in taps if idx[q] > position][:2]
+        names = [f"`{self.alias(q)}`" for q in before + after]
+        return ", ".join(names) if names else "(none)"
+
+
+def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -> Traced:
+    """Trace ``model`` in both modes and analyse its eval-mode graph at ``input_size`` (C, H, W)."""
+    leaf_modules = list(leaf_modules or [])
+    graphs = {mode: _trace_graph(model, leaf_modules, mode) for mode in (False, True)}
+    graph = graphs[False]
+    nodes = list(graph.nodes)
+    qual = {n: n.meta["qualname"] for n in nodes}
+    order = [qual[n] for n in nodes]
+    shapes = _propagate_shapes(model, graph, qual, tuple(input_size))
+    h_in = input_size[1]
+    d = {q: round(math.log2(h_in / s[1])) for q, s in shapes.items() if len(s) == 3 and s[1] > 0}
+    _check_resolution(model, graph, qual, shapes)
+    cut_points = _cut_points(graph, qual)
+    index = {q: i for i, q in enumerate(order)}
+    module_first, module_end = _module_spans(model, order)
+    blocks = _blocks(model, module_first, module_end, set(cut_points), shapes, d, index, cut_points)
+    stages = _stages(blocks)
+    final, head = _final_and_head(graph, qual, cut_points, blocks, shapes, index)
+    aliases: dict[str, str] = {}
+    for path, node in sorted(module_end.items(), key=lambda kv: (kv[0].count("."), len(kv[0]))):
+        aliases.setdefault(node, path)
+    return Traced(model, tuple(input_size), graphs, order, shapes, d, cut_points, blocks, stages, final, head,
+                  aliases, module_end)
+
+
+def _trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx.Graph:
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    tracer = _PathTracer(leaf_modules)
+    try:
+        return tracer.trace(model)
+    except Exception as exc:
+        scope = tracer.failure_scope or ""
+        where = f"module `{scope}` ({type(model.get_submodule(scope)).__name__})" if scope else "the top-level forward"
+        leaf = type(model.get_submodule(scope)).__name__ if scope else None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphError(
+            f"torch.fx cannot trace {type(model).__name__}: {where} failed with \"{first}\". FX cannot follow "
+            "Python control flow that depends on tensor values. "
+            + (f"Trace it as one node by adding `{leaf}` (or its path `{scope}`) to `backbone.leaf_modules` "
+               "in the spec, provided it sits inside a block and not on a tap." if leaf else
+               "Add the offending submodule's class name to `backbone.leaf_modules` in the spec.")
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, qual: dict[fx.Node, str]) -> None:
+        super().__init__(gm)
+        self.qual = qual
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[self.qual[n]] = tuple(out.shape[1:])
+        return out
+
+
+def _propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...]]:
+    gm = fx.GraphModule(model, graph)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    recorder = _ShapeRecorder(gm, qual)
+    param = next(model.parameters(), None)
+    x = torch.zeros((1, *input_size), dtype=param.dtype if param is not None else torch.float32,
+                    device=param.device if param is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            recorder.run(x)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0]
+        raise GraphError(
+            f"running {type(model).__name__} at input_size {list(input_size)} failed: {msg}. If the input is too "
+            "small for the network's downsampling, raise `backbone.input_size` (e.g. [3, 224, 224] for ImageNet "
+            "models); otherwise check `backbone.kwargs`."
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return recorder.shapes
+
+
+def _check_resolution(model, graph, qual, shapes) -> None:
+    """Refuse an input so small that strided layers run on a 1x1 map (downsampling counts would lie)."""
+    for n in graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        stride = getattr(model.get_submodule(n.target), "stride", 1)
+        stride = max(stride) if isinstance(stride, tuple) else (stride or 1)
+        s_in = shapes.get(qual[n.args[0]], ())
+        if stride > 1 and len(s_in) == 3 and s_in[1] == 1 and s_in[2] == 1:
+            raise GraphError(
+                f"input_size is too small for this network's downsampling: the strided layer `{qual[n]}` "
+                f"receives a 1x1 feature map, so later stages cannot halve it. Raise `backbone.input_size` "
+                "(e.g. [3, 224, 224] for ImageNet models, [3, 32, 32] for the CIFAR zoo)."
+            )
+
+
+def _cut_points(graph: fx.Graph, qual) -> list[str]:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for src in n.all_input_nodes:
+            g.add_edge(src, n)
+    idom = nx.immediate_dominators(g, placeholders[0])
+    chain, v = [], output
+    while v in idom and idom[v] is not v:
+        v = idom[v]
+        chain.append(v)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return [qual[n] for n in sorted(chain, key=order.get) if n.op not in ("placeholder", "output")]
+
+
+def _module_spans(model: nn.Module, order: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """First node index and last node name of every module scope seen in the graph."""
+    paths = {p for p, _ in model.named_modules() if p}
+    first: dict[str, int] = {}
+    end: dict[str, str] = {}
+    for i, q in enumerate(order):
+        parts = q.split(".")
+        for j in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:j])
+            if prefix in paths:
+                first.setdefault(prefix, i)
+                end[prefix] = q
+    return first, end
+
+
+def _is_container(m: nn.Module) -> bool:
+    """A module that only sequences other composite modules (``layer2``, ``features``, ``denseblock1``)."""
+    if not isinstance(m, _CONTAINERS):
+        return False
+    if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
+        return False
+    if isinstance(m, nn.ModuleDict) and "forward" in type(m).__dict__:
+        return False
+    return any(len(list(c.children())) > 0 for c in m.children())
+
+
+def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:
+    modules = dict(model.named_modules())
+    cut_index = [index[c] for c in cut_points]
+    blocks: list[Block] = []
+    inside: list[str] = []
+    for path, m in modules.items():
+        if not path or path not in module_end or any(path.startswith(b + ".") for b in inside):
+            continue
+        parent = modules[path.rpartition(".")[0]]
+        node = module_end[path]
+        if (not list(m.children()) or _is_container(m) or not _is_container(parent)
+                or node not in cuts or len(shapes.get(node, ())) != 3):
+            continue
+        pos = bisect.bisect_left(cut_index, module_first[path]) - 1
+        if pos < 0:
+            continue
+        src = cut_points[pos]
+        if len(shapes.get(src, ())) != 3:
+            continue
+        inside.append(path)
+        blocks.append(Block(path, m, node, shapes[src], shapes[node], d[src], d[node]))
+    blocks.sort(key=lambda b: index[b.node])
+    return blocks
+
+
+def _stages(blocks: list[Block]) -> list[Stage]:
+    stages: list[Stage] = []
+    run: list[Block] = []
+    for b in blocks:
+        if run and b.d != run[-1].d:
+            stages.append(Stage(run[-1].d, tuple(run)))
+            run = []
+        run.append(b)
+    if run:
+        stages.append(Stage(run[-1].d, tuple(run)))
+    return stages
+
+
+def _final_and_head(graph, qual, cut_points, blocks, shapes, index) -> tuple[str, list[str]]:
+    """The final feature map f (last block boundary before the spatial collapse) and the head's nodes."""
+    def in_block(q: str) -> bool:
+        return any(q.startswith(b.path + ".") for b in blocks)
+
+    collapse = None
+    for q in cut_points:
+        s = shapes.get(q, ())
+        if (len(s) != 3 or s[1:] == (1, 1)) and not in_block(q) and any(index[b] < index[q] for b in cut_points):
+            prev = [c for c in cut_points if index[c] < index[q]]
+            if prev and len(shapes.get(prev[-1], ())) == 3:
+                collapse = q
+                break
+    if collapse is None:
+        raise GraphError(
+            "found no classifier head: the network's output never collapses a C x H x W feature map "
+            "(global pooling, flatten). dksgraph augments classification networks; check `backbone.model`."
+        )
+    before = [b.node for b in blocks if index[b.node] < index[collapse]]
+    if not before:
+        before = [c for c in cut_points if index[c] < index[collapse] and len(shapes.get(c, ())) == 3]
+    final = before[-1]
+    head = [qual[n] for n in graph.nodes if index[qual[n]] > index[final] and n.op not in ("output",)]
+    return final, head

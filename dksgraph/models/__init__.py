@@ -1,0 +1,115 @@
+"""Backbone registry: ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME`` and ``package.module:callable``.
+
+Example::
+
+    >>> from dksgraph.spec import BackboneSpec
+    >>> m = build_backbone(BackboneSpec(model="zoo:resnet32", kwargs={"num_classes": 100}))
+    >>> m.fc.out_features
+    100
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import nn
+
+from dksgraph.errors import SpecError, close_matches
+from dksgraph.models import cifar_resnet, densenet, mobilenet, wrn
+
+
+class ZooEntry(NamedTuple):
+    factory: Callable[..., nn.Module]
+    source: str
+
+
+ZOO: dict[str, ZooEntry] = {
+    "resnet32": ZooEntry(cifar_resnet.resnet32, "He et al. 2016, Sec. 4.2 (6n+2, n=5, option-A shortcuts)"),
+    "resnet110": ZooEntry(cifar_resnet.resnet110, "He et al. 2016, Sec. 4.2 (n=18)"),
+    "resnet1202": ZooEntry(cifar_resnet.resnet1202, "He et al. 2016, Sec. 4.2 (n=200)"),
+    "densenet40": ZooEntry(densenet.densenet40, "Huang et al. 2017 (L=40, k=12, no bottleneck)"),
+    "densenet100": ZooEntry(densenet.densenet100, "Huang et al. 2017 (L=100, k=12, no bottleneck)"),
+    "densenet_bc100": ZooEntry(densenet.densenet_bc100, "Huang et al. 2017 (DenseNet-BC, L=100, k=12)"),
+    "wrn28_4": ZooEntry(wrn.wrn28_4, "Zagoruyko & Komodakis 2016 (WRN-28-4, `dropout` kwarg)"),
+    "wrn28_10": ZooEntry(wrn.wrn28_10, "Zagoruyko & Komodakis 2016 (WRN-28-10, `dropout` kwarg)"),
+    "mobilenet": ZooEntry(mobilenet.mobilenet, "Howard et al. 2017, unstrided stem for 32x32 (as in Zhang et al. 2018, DML)"),
+}
+
+
+def build_backbone(backbone) -> nn.Module:
+    """Instantiate the network a :class:`~dksgraph.spec.BackboneSpec` names."""
+    name, kwargs = backbone.model, dict(backbone.kwargs)
+    factory = resolve_factory(name)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise SpecError(
+            f"`{name}` does not accept backbone.kwargs {kwargs}: {exc}. "
+            "Fix `backbone.kwargs` in the spec (for example `{num_classes: 100}`)."
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"`{name}` returned a {type(model).__name__}, not a torch.nn.Module; point it at a model factory.")
+    return model
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """The callable behind a model name, or a SpecError with close matches."""
+    prefix, sep, rest = name.partition(":")
+    if not sep or not rest:
+        raise SpecError(
+            f"model `{name}` has no source prefix; write `zoo:NAME`, `torchvision:NAME`, `timm:NAME` or "
+            f"`package.module:callable` (for example `zoo:resnet32` or `torchvision:resnet18`)."
+        )
+    if prefix == "zoo":
+        if rest not in ZOO:
+            raise SpecError(_unknown(name, rest, ZOO, "`dksgraph inspect` accepts any of: " + ", ".join(ZOO)))
+        return ZOO[rest].factory
+    if prefix == "torchvision":
+        import torchvision.models as tvm
+
+        names = tvm.list_models(module=tvm)
+        if rest not in names:
+            raise SpecError(_unknown(name, rest, names, "torchvision's classification models are listed by "
+                                     "`torchvision.models.list_models(module=torchvision.models)`"))
+        return lambda **kw: tvm.get_model(rest, **kw)
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise SpecError(
+                f"model `{name}` needs timm, which is not installed; run `pip install 'dksgraph[timm]'`."
+            ) from None
+        names = timm.list_models()
+        if rest not in names:
+            raise SpecError(_unknown(name, rest, names, "`timm.list_models()` lists them"))
+        return lambda **kw: timm.create_model(rest, pretrained=False, **kw)
+    return _import_callable(prefix, rest, name)
+
+
+def _import_callable(module_name: str, attr: str, name: str) -> Callable[..., nn.Module]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(
+            f"cannot import `{module_name}` for model `{name}` ({exc}); check the module path and that its "
+            "package is installed, or use a `zoo:`, `torchvision:` or `timm:` model."
+        ) from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            hint = close_matches(part, [a for a in dir(target) if not a.startswith("_")])
+            raise SpecError(
+                f"`{module_name}` has no attribute `{attr}` for model `{name}`"
+                + (f"; did you mean {hint}?" if hint else "; check the name after the colon.")
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise SpecError(f"`{name}` is not callable; it must name a class or function that returns an nn.Module.")
+    return target
+
+
+def _unknown(name: str, rest: str, choices, where: str) -> str:
+    hint = close_matches(rest, choices)
+    return f"unknown model `{name}`" + (f"; did you mean {hint}?" if hint else ".") + f" {where}."

@@ -1,0 +1,250 @@
+"""The YAML spec: pydantic models, :func:`load_spec` and :func:`parse_spec`.
+
+Every model forbids unknown keys, so a misspelt field is an error instead of a silent no-op.
+``dksgraph schema`` prints :func:`json_schema` for editors' YAML language servers.
+
+Example::
+
+    >>> spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
+    >>> spec.taps, spec.synergy.pairs
+    ('auto', 'bidirectional')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import ValidationError, model_validator
+
+from dksgraph.errors import SpecError, close_matches
+
+PairSet = Literal["bidirectional", "top_down", "bottom_up", "none"]
+MAIN = "main"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneSpec(_Strict):
+    """The network to augment and the input it is traced at."""
+
+    model: str = Field(description="zoo:NAME | torchvision:NAME | timm:NAME | package.module:callable")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the model factory.")
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        (3, 224, 224), description="C, H, W used for tracing and shape propagation."
+    )
+    leaf_modules: list[str] = Field(
+        default_factory=list,
+        description="Module class names or module paths traced as single nodes (for untraceable code).",
+    )
+
+
+class TapSpec(_Strict):
+    """One auxiliary classifier: where it taps the backbone and how its branch is sized."""
+
+    at: str = Field(description="FX node name or module path, as `dksgraph inspect` lists them.")
+    name: str | None = Field(None, description="Label in logs and outputs; default: `at`.")
+    depth: list[PositiveInt] | None = Field(None, description="Blocks per branch stage.")
+    width: list[PositiveFloat] | None = Field(None, description="Channel multiplier per branch stage.")
+    alpha: NonNegativeFloat = Field(1.0, description="Weight of this classifier's cross-entropy.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.at
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> TapSpec:
+        if self.depth is not None and self.width is not None and len(self.depth) != len(self.width):
+            raise ValueError(
+                f"depth has {len(self.depth)} entries but width has {len(self.width)}; "
+                "give one entry per branch stage in both"
+            )
+        return self
+
+
+class SynergySpec(_Strict):
+    """Which classifiers teach which (the pair set B) and the synergy weight and temperature."""
+
+    pairs: PairSet | list[tuple[str, str]] = Field(
+        "bidirectional", description="bidirectional | top_down | bottom_up | none | [[teacher, student], ...]"
+    )
+    beta: NonNegativeFloat = 1.0
+    temperature: PositiveFloat = 1.0
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: NonNegativeFloat = 0.9
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5.0e-4
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["multistep", "step", "cosine"] = "multistep"
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [60, 120, 160])
+    step_size: PositiveInt | None = Field(None, description="Epochs between decays for `step`.")
+    gamma: PositiveFloat = 0.2
+
+
+class TrainSpec(_Strict):
+    """Defaults for `dksgraph train`; every field can be overridden on the command line."""
+
+    dataset: Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"] = "cifar100"
+    data_dir: str = "./data"
+    epochs: PositiveInt = 200
+    batch_size: PositiveInt = 128
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    augmentation: Literal["cifar", "imagenet", "none"] = "cifar"
+    seed: int = 0
+
+
+class Spec(_Strict):
+    """A whole dksgraph experiment: backbone, taps, synergy pairs and training recipe."""
+
+    name: str | None = Field(None, description="Defaults to the spec file's stem.")
+    backbone: BackboneSpec
+    taps: list[TapSpec] | Literal["auto"] = Field(
+        "auto", description="Auxiliary classifiers, or `auto` for the paper's best placement."
+    )
+    synergy: SynergySpec = Field(default_factory=SynergySpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _consistent_names(self) -> Spec:
+        if self.taps == "auto":
+            return self
+        labels = [t.label for t in self.taps]
+        if MAIN in labels:
+            raise ValueError(f"`{MAIN}` is the backbone's own classifier; give the tap another `name`")
+        dupes = sorted({n for n in labels if labels.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"duplicate tap name(s) {', '.join(dupes)}; every tap needs its own `name` "
+                "(two taps at one point need different names)"
+            )
+        check_pairs(self.synergy.pairs, [MAIN, *labels])
+        return self
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.backbone.model.split(":")[-1]
+
+
+def check_pairs(pairs: PairSet | list[tuple[str, str]], classifiers: list[str]) -> None:
+    """Refuse an explicit pair list that names a classifier the model does not have."""
+    if isinstance(pairs, str):
+        return
+    for teacher, student in pairs:
+        for who in (teacher, student):
+            if who not in classifiers:
+                hint = close_matches(who, classifiers)
+                raise ValueError(
+                    f"synergy pair [{teacher}, {student}] names unknown classifier `{who}`; "
+                    f"the classifiers are {', '.join(classifiers)}" + (f" (did you mean {hint}?)" if hint else "")
+                )
+        if teacher == student:
+            raise ValueError(f"synergy pair [{teacher}, {student}] pairs a classifier with itself")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec file (what `dksgraph schema` prints)."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "dksgraph spec"
+    return schema
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a YAML spec; the spec's name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(
+            f"spec file `{path}` does not exist. Check the path; the shipped specs are in `specs/` "
+            "(for example `specs/resnet32.yaml`), and `dksgraph schema` prints the format."
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(
+            f"`{path}` is not valid YAML{where}: {problem}. Fix the syntax there "
+            "(indentation, a missing colon or an unclosed bracket are the usual causes)."
+        ) from None
+    except UnicodeDecodeError:
+        raise SpecError(f"`{path}` is not a text file; a spec is a YAML file like `specs/resnet32.yaml`.") from None
+    return parse_spec(data, source=str(path), default_name=path.stem)
+
+
+def parse_spec(data: Any, source: str = "spec", default_name: str | None = None) -> Spec:
+    """Validate a spec given as plain data (from YAML or a checkpoint)."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"`{source}` must hold a mapping with at least a `backbone:` section, "
+            f"not {type(data).__name__}; see `dksgraph schema` for the format."
+        )
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"`{source}` is not a valid spec: {_describe(exc)}") from None
+    if spec.name is None and default_name:
+        spec = spec.model_copy(update={"name": default_name})
+    return spec
+
+
+def _describe(exc: ValidationError) -> str:
+    """One readable sentence per problem, with the allowed keys for an unknown one."""
+    errors = exc.errors(include_url=False)
+    cleaned = []
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+        literal_branch = any(isinstance(p, str) and p.startswith("literal[") for p in err["loc"])
+        cleaned.append((loc, literal_branch, err))
+    has_structured = {loc[:1] for loc, lit, _ in cleaned if not lit}
+    sentences = []
+    for loc, literal_branch, err in cleaned:
+        if literal_branch and loc[:1] in has_structured and len(cleaned) > 1:
+            continue  # the input was a list; the error of the `auto`/keyword branch is noise
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            hint = close_matches(str(loc[-1]), allowed)
+            sentences.append(
+                f"unknown key `{where}`"
+                + (f" (did you mean {hint}?)" if hint else "")
+                + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+            )
+        elif err["type"] == "missing":
+            sentences.append(f"`{where}` is required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            sentences.append(f"`{where}`: {msg}" if loc else msg)
+    sentences = list(dict.fromkeys(sentences))
+    return "; ".join(sentences) + ". Fix the spec (`dksgraph schema` prints every allowed field)."
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = Spec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
