@@ -1,0 +1,150 @@
+"""AugmentedModel: the untouched backbone plus one auxiliary classifier branch per tap.
+
+``forward(x)`` returns an ordered dict of logits, ``main`` first, then the taps deep -> shallow.
+The state_dict holds exactly ``backbone.<original keys>`` and ``branches.<tap>.<...>``. The
+backbone object is never mutated: the taps are read by an FX program over the backbone's own
+submodules (one program per train/eval mode), kept outside the module tree.
+
+Example::
+
+    >>> from dksgraph.spec import parse_spec
+    >>> spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
+    >>> model = augment(spec)
+    >>> list(model(torch.randn(2, 3, 32, 32)))
+    ['main', 'c2', 'c3']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from dksgraph.branches import Branch, BranchPlan, make_branch
+from dksgraph.errors import GraphError
+from dksgraph.graph import Traced, trace
+from dksgraph.loss import pair_set
+from dksgraph.models import build_backbone
+from dksgraph.spec import MAIN, Spec
+
+
+class AugmentedModel(nn.Module):
+    """The backbone and its branches; ``forward`` returns ``{classifier: logits}``."""
+
+    def __init__(self, spec: Spec, backbone: nn.Module, traced: Traced, plans: list[BranchPlan],
+                 branches: list[Branch]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.branches = nn.ModuleDict({p.label: b for p, b in zip(plans, branches)})
+        self.spec = spec
+        self.traced = traced
+        self.plans = list(plans)
+        self.classifiers = [MAIN, *(p.label for p in plans)]
+        self.pairs = pair_set(spec.synergy.pairs, self.classifiers)
+        self._build_programs()
+
+    def _build_programs(self) -> None:
+        programs = {}
+        for mode, graph in self.traced.graphs.items():
+            programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans])
+        self.__dict__["_programs"] = programs
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self._build_programs()  # buffers may have been replaced; refresh the programs' references
+        return result
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        result, *features = self.__dict__["_programs"][self.training](x)
+        logits = {MAIN: main_logits(result)}
+        for (label, branch), feature in zip(self.branches.items(), features):
+            logits[label] = branch(feature)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"classifiers={self.classifiers}, pairs={len(self.pairs)}"
+
+
+def main_logits(result: Any) -> Tensor:
+    """The backbone's logits from whatever its forward returns (tensor, tuple, or `.logits`)."""
+    if isinstance(result, Tensor):
+        return result
+    if hasattr(result, "logits"):
+        return result.logits
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], Tensor):
+        return result[0]
+    raise GraphError(f"cannot find the logits in the backbone's output of type {type(result).__name__}.")
+
+
+def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.GraphModule:
+    """A GraphModule over the backbone's submodules returning (original output, *tap features)."""
+    new = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, val_map)
+    by_name = {n.meta["qualname"]: n for n in graph.nodes}
+    features = []
+    for tap in taps:
+        if tap not in by_name:
+            raise GraphError(f"tap `{tap}` exists in the eval-mode graph but not in the train-mode graph; the "
+                             "backbone changes structure with `.train()`. Tap a point both modes share.")
+        node = val_map[by_name[tap]]
+        if any(_in_place(user, backbone) for user in node.users):
+            with new.inserting_after(node):
+                node = new.call_method("clone", (node,))
+        features.append(node)
+    new.output((out, *features))
+    return fx.GraphModule(backbone, new, class_name="TapProgram")
+
+
+def _in_place(node: fx.Node, backbone: nn.Module) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(backbone.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    return bool(node.kwargs.get("inplace", False))
+
+
+def resolve_taps(spec: Spec, traced: Traced) -> list[tuple[str, str, Any, str]]:
+    """(label, node, TapSpec or None, reason) per tap, deep -> shallow."""
+    if spec.taps == "auto":
+        chosen = [(label, node, None, reason) for label, node, reason in traced.auto_taps()]
+        if not chosen:
+            raise GraphError(
+                "`taps: auto` found no stage end before the final feature map to tap; list taps by hand "
+                "(`dksgraph inspect` shows the valid ones)."
+            )
+    else:
+        chosen = [(t.label, traced.check_tap(t.at), t, f"from the spec (`at: {t.at}`)") for t in spec.taps]
+    index = traced.index
+    return sorted(chosen, key=lambda c: -index[c[1]])
+
+
+def augment(spec: Spec, backbone: nn.Module | None = None) -> AugmentedModel:
+    """Build (or take) the backbone, trace it and attach a branch per tap."""
+    if backbone is None:
+        backbone = build_backbone(spec.backbone)
+    traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
+    plans, branches = [], []
+    for label, node, tap, _ in resolve_taps(spec, traced):
+        plan, branch = make_branch(
+            traced, label, node,
+            depth=tap.depth if tap else None, width=tap.width if tap else None,
+            alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None,
+        )
+        plans.append(plan)
+        branches.append(branch)
+    return AugmentedModel(spec, backbone, traced, plans, branches)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def probe_input(spec: Spec, batch: int = 2, like: nn.Module | None = None) -> Tensor:
+    """The fixed input strip verifies on: seeded normal noise at the spec's input size."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *spec.backbone.input_size), generator=gen)
+    param = next(like.parameters(), None) if like is not None else None
+    return x.to(param.device, param.dtype) if param is not None else x

@@ -1,0 +1,135 @@
+"""Strip every branch: give back the original network, verified bit for bit, and export it.
+
+:func:`strip` rebuilds the backbone from the spec, loads the ``backbone.*`` weights with
+``strict=True`` and checks, on a fixed input in eval mode, that its output equals the augmented
+model's ``main`` logits exactly (``torch.equal``). Only then does :func:`export` write anything.
+
+Example::
+
+    >>> original = strip("runs/r32/last.pt")                 # doctest: +SKIP
+    >>> export(original, "resnet32.pt", spec)                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dksgraph.augment import AugmentedModel, augment, probe_input
+from dksgraph.errors import CheckpointError, DksError
+from dksgraph.models import build_backbone
+from dksgraph.spec import Spec, parse_spec
+from dksgraph.train.checkpoint import atomic_save, atomic_write, load_checkpoint
+
+FORMATS = ("state_dict", "torchscript")
+PREFIX = "backbone."
+
+
+def load_augmented(path: str | Path) -> tuple[AugmentedModel, dict]:
+    """Rebuild the AugmentedModel a checkpoint was saved from and load its weights strictly."""
+    ckpt = load_checkpoint(path)
+    spec = parse_spec(ckpt["spec"], source=f"{path} (its spec)")
+    model = augment(spec)
+    _strict_load(model, ckpt["model"], f"`{path}`", spec)
+    return model, ckpt
+
+
+def strip(source: AugmentedModel | str | Path) -> nn.Module:
+    """The original network with the trained backbone weights, verified against the augmented model."""
+    augmented = source if isinstance(source, AugmentedModel) else load_augmented(source)[0]
+    spec = augmented.spec
+    original = build_backbone(spec.backbone)
+    state = {k[len(PREFIX):]: v for k, v in augmented.state_dict().items() if k.startswith(PREFIX)}
+    _strict_load(original, state, "the backbone weights", spec)
+    param = next(augmented.parameters(), None)
+    if param is not None:
+        original.to(param.device, param.dtype)
+    verify(augmented, original, spec)
+    return original
+
+
+def verify(augmented: AugmentedModel, original: nn.Module, spec: Spec) -> None:
+    """Refuse unless the original network's eval output equals the augmented ``main`` output exactly."""
+    modes = {m: m.training for m in [*augmented.modules(), *original.modules()]}
+    try:
+        augmented.eval()
+        original.eval()
+        x = probe_input(spec, like=original)
+        with torch.no_grad():
+            want = augmented(x)["main"]
+            got = _logits(original(x))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not torch.equal(want, got):
+        diff = (want.float() - got.float()).abs().max().item() if want.shape == got.shape else "shape"
+        raise DksError(
+            f"strip verification failed: the stripped network's output differs from the augmented model's "
+            f"`main` output (max abs difference {diff}). Nothing was written. This is a dksgraph bug for "
+            f"`{spec.backbone.model}`; please report it with the spec."
+        )
+
+
+def export(original: nn.Module, path: str | Path, spec: Spec, fmt: str = "state_dict") -> Path:
+    """Write the stripped network atomically as a state_dict or a verified TorchScript module."""
+    if fmt == "state_dict":
+        return atomic_save(original.state_dict(), path)
+    if fmt == "torchscript":
+        modes = {m: m.training for m in original.modules()}
+        original.eval()
+        x = probe_input(spec, like=original)
+        try:
+            with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the portable format
+                warnings.simplefilter("ignore", FutureWarning)
+                try:
+                    program = torch.jit.script(original)
+                except Exception:
+                    program = torch.jit.trace(original, x)
+            with torch.no_grad():
+                same = torch.equal(_logits(program(x)), _logits(original(x)))
+        except Exception as exc:
+            raise DksError(
+                f"TorchScript export of `{spec.backbone.model}` failed ({str(exc).splitlines()[0][:200]}); use "
+                "`--format state_dict`, which loads into the model's own class."
+            ) from None
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if not same:
+            raise DksError("the TorchScript module's output differs from the network's; nothing was written. "
+                           "Use `--format state_dict`.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return atomic_write(path, lambda f: torch.jit.save(program, f))
+    raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
+
+
+def _logits(out):
+    from dksgraph.augment import main_logits
+
+    return main_logits(out)
+
+
+def _strict_load(module: nn.Module, state: dict, what: str, spec: Spec) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of the wrong shape (e.g. {'; '.join(wrong[:2])})")
+        raise CheckpointError(
+            f"{what} do not fit the network the spec describes (`{spec.backbone.model}`, "
+            f"kwargs {dict(spec.backbone.kwargs)}): {', '.join(parts)} weights. The weights were saved from a "
+            "different model or spec; use the checkpoint together with the spec it was trained with."
+        )
+    module.load_state_dict(state, strict=True)

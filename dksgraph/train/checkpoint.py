@@ -1,0 +1,93 @@
+"""dksgraph/1 checkpoints: plain data only, written atomically, read with ``weights_only=True``.
+
+A checkpoint is ``{"format": "dksgraph/1", "spec": <dict>, "model": state_dict, ...}``; training
+adds ``optimizer``, ``scheduler``, ``epoch``, ``rng`` and ``metrics``. Nothing in it needs
+unpickling arbitrary objects, so :func:`load_checkpoint` refuses files that do.
+
+Example::
+
+    >>> save_checkpoint("init.pt", spec, model)          # doctest: +SKIP
+    >>> load_checkpoint("init.pt")["format"]             # doctest: +SKIP
+    'dksgraph/1'
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from dksgraph.errors import CheckpointError
+
+FORMAT = "dksgraph/1"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` with :func:`atomic_write`'s guarantee."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(path: str | Path, spec, model: torch.nn.Module, **extra: Any) -> Path:
+    """Save the model's state_dict and spec (plus training state in ``extra``) as a dksgraph/1 file."""
+    payload = {"format": FORMAT, "spec": spec.model_dump(mode="json"), "model": model.state_dict(), **extra}
+    return atomic_save(payload, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a dksgraph/1 checkpoint without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint `{path}` does not exist. Check the path; training writes `last.pt` and `best.pt` in "
+            "its run folder, and `dksgraph augment SPEC --save FILE` writes an untrained one."
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"`{path}` holds pickled Python objects that dksgraph will not load (loading them could run "
+            f"arbitrary code): {first[:200]}. dksgraph checkpoints hold plain tensors and data only; re-create "
+            "it with `dksgraph augment ... --save` or `dksgraph train`, or load it yourself if you trust it."
+        ) from None
+    except Exception as exc:  # a truncated zip, random bytes, an empty file
+        raise CheckpointError(
+            f"`{path}` is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'}). It may be truncated "
+            "or not a checkpoint at all; use a file written by `dksgraph train` or `dksgraph augment --save`."
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"`{path}` is not a {FORMAT} checkpoint (format: {found!r}). dksgraph reads the files that "
+            "`dksgraph train` and `dksgraph augment --save` write; a plain state_dict has no spec to rebuild "
+            "the network from."
+        )
+    for key in ("spec", "model"):
+        if key not in data:
+            raise CheckpointError(f"`{path}` lacks the `{key}` entry every {FORMAT} checkpoint has; it is damaged.")
+    if not isinstance(data["model"], dict) or not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        raise CheckpointError(f"`{path}`: its `model` entry is not a state_dict of tensors; the file is damaged.")
+    return data
