@@ -1,0 +1,189 @@
+"""The `dksgraph` command line: inspect, augment, strip, schema.
+
+Every user mistake ends with a one-paragraph message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import click
+
+from dksgraph.errors import DksError
+
+
+class _Group(click.Group):
+    """Turns a DksError anywhere in a command into its message and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DksError as exc:
+            click.echo(textwrap.fill(f"Error: {exc}", width=100), err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dksgraph")
+def cli() -> None:
+    """Deeply-supervised Knowledge Synergy (CVPR 2019) for any CNN, by torch.fx graph surgery.
+
+    \b
+    Typical flow:
+      dksgraph inspect torchvision:resnet50 --input-size 3 224 224   # where can branches go?
+      dksgraph augment specs/resnet32.yaml --render                  # branches, sizes, picture
+      dksgraph augment specs/resnet18.yaml --save init.pt            # an untrained checkpoint
+      dksgraph strip init.pt -o resnet18.pt                          # the original network back
+    """
+
+
+def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None):
+    """A Spec from a YAML path, or a minimal one around a model name."""
+    from dksgraph.spec import load_spec, parse_spec
+
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+        spec = load_spec(target)
+        updates = {}
+        if input_size:
+            updates["input_size"] = list(input_size)
+        if num_classes:
+            updates["kwargs"] = {**spec.backbone.kwargs, "num_classes": num_classes}
+        if updates:
+            spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update=updates)})
+        return spec
+    zoo = target.startswith("zoo:")
+    backbone = {"model": target, "input_size": list(input_size or ((3, 32, 32) if zoo else (3, 224, 224)))}
+    if num_classes:
+        backbone["kwargs"] = {"num_classes": num_classes}
+    return parse_spec({"backbone": backbone}, source=target, default_name=target.split(":")[-1])
+
+
+_input_size = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
+                           help="Trace at this input size (default: the spec's; 3 32 32 for zoo:, else 3 224 224).")
+_num_classes = click.option("--num-classes", type=click.IntRange(min=1), help="Override the classifier size.")
+
+
+@cli.command()
+@click.argument("target", metavar="SPEC_OR_MODEL")
+@_input_size
+@_num_classes
+def inspect(target: str, input_size, num_classes) -> None:
+    """List the valid taps of a backbone: shape, downsampling count, stage, and the auto choice.
+
+    SPEC_OR_MODEL is a spec file or a model name such as `zoo:resnet32`, `torchvision:resnet50`,
+    `timm:resnet50d` or `package.module:factory`.
+    """
+    from dksgraph.graph import trace
+    from dksgraph.models import build_backbone
+    from dksgraph.summary import TAP_HEADERS, format_table, tap_rows
+
+    spec = _load(target, input_size, num_classes)
+    model = build_backbone(spec.backbone)
+    t = trace(model, spec.backbone.input_size, spec.backbone.leaf_modules)
+    auto = t.auto_taps()
+    click.echo(f"{spec.backbone.model} at input {'x'.join(map(str, t.input_size))}: "
+               f"{len(t.order)} graph nodes, {len(t.cut_points)} cut points, {len(t.blocks)} blocks")
+    click.echo(format_table(tap_rows(t, {node: label for label, node, _ in auto}), TAP_HEADERS))
+    click.echo(f"\nfinal feature map: {t.alias(t.final)} ({'x'.join(map(str, t.shapes[t.final]))}, "
+               f"d={t.d[t.final]}); head: {', '.join(t.head)}")
+    click.echo("stages: " + "; ".join(f"d={s.d} {s.name} ({len(s.blocks)} blocks"
+                                      f"{', strided' if s.downsamples else ''})" for s in t.stages))
+    for label, node, reason in auto:
+        click.echo(f"auto {label}: {t.alias(node)} - {reason}")
+    click.echo("Use any name of the `tap` or `node` column as `at:` in a spec.")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--render", "do_render", is_flag=True, help="Draw the augmented graph with graphviz.")
+@click.option("--format", "fmt", type=click.Choice(["svg", "png", "pdf", "dot"]), default="svg", show_default=True,
+              help="Picture format for --render.")
+@click.option("--detail", is_flag=True, help="With --render, expand every block into its operations.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for the rendered picture.")
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the untrained model as a dksgraph/1 checkpoint.")
+@click.option("--seed", type=int, help="Seed for branch initialisation (default: the spec's train.seed).")
+def augment(spec_path: str, do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None,
+            seed: int | None) -> None:
+    """Trace the spec's backbone, attach its branches and print a summary per classifier."""
+    import torch
+
+    from dksgraph.augment import augment as build
+    from dksgraph.spec import load_spec
+    from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows, format_table
+
+    spec = load_spec(spec_path)
+    torch.manual_seed(spec.train.seed if seed is None else seed)
+    model = build(spec)
+    rows, footer = classifier_rows(model)
+    click.echo(f"{spec.display_name}: {spec.backbone.model} at input {'x'.join(map(str, spec.backbone.input_size))}, "
+               f"taps {'auto' if spec.taps == 'auto' else 'from the spec'}")
+    click.echo(format_table(rows, CLASSIFIER_HEADERS))
+    click.echo(footer)
+    pairs = ", ".join(f"{a}->{b}" for a, b in model.pairs) or "none (deep supervision only)"
+    click.echo(f"synergy pairs ({spec.synergy.pairs if isinstance(spec.synergy.pairs, str) else 'explicit'}, "
+               f"beta={spec.synergy.beta:g}, T={spec.synergy.temperature:g}): {pairs}")
+    if spec.taps == "auto":
+        for label, node, reason in model.traced.auto_taps():
+            click.echo(f"auto {label}: {model.traced.alias(node)} - {reason}")
+    if do_render:
+        from dksgraph.render import render
+
+        path, rendered = render(model, out_dir, fmt, detail)
+        if rendered:
+            click.echo(f"rendered {path}")
+        else:
+            click.echo(f"wrote {path} (graphviz's `dot` program is not installed, so no {fmt} picture). Install "
+                       f"graphviz (`apt-get install graphviz`, `brew install graphviz` or `conda install graphviz`), "
+                       f"then run: dot -T{fmt} {path} -o {path.with_suffix('.' + fmt)}")
+    if save:
+        from dksgraph.train.checkpoint import save_checkpoint
+
+        path = save_checkpoint(save, spec, model, epoch=0, metrics={})
+        click.echo(f"saved untrained checkpoint {path}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output file (default: CHECKPOINT's name with `.stripped.pt`).")
+@click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript"]), default="state_dict",
+              show_default=True, help="state_dict loads into the model's own class with weights_only=True.")
+def strip(checkpoint: str, output: str | None, fmt: str) -> None:
+    """Remove every branch, verify the original network bit for bit, and write it."""
+    from dksgraph.strip import export, load_augmented
+    from dksgraph.strip import strip as do_strip
+
+    source = Path(checkpoint)
+    out = Path(output) if output else source.with_name(
+        source.stem + (".stripped.pt" if fmt == "state_dict" else ".stripped.torchscript.pt"))
+    if out.resolve() == source.resolve():
+        raise DksError(f"the output `{out}` is the checkpoint itself; give another path with `-o`.")
+    augmented, ckpt = load_augmented(source)
+    original = do_strip(augmented)
+    path = export(original, out, augmented.spec, fmt)
+    n = sum(p.numel() for p in original.parameters())
+    dropped = sum(p.numel() for p in augmented.branches.parameters())
+    click.echo(f"verified: stripped {augmented.spec.backbone.model} equals the augmented `main` output bit for bit "
+               f"(eval mode, {'x'.join(map(str, augmented.spec.backbone.input_size))} input)")
+    click.echo(f"wrote {path} ({fmt}, {n / 1e6:.3f}M parameters; dropped {len(augmented.branches)} branches with "
+               f"{dropped / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
+
+
+@cli.command()
+@click.option("--indent", type=int, default=2, show_default=True)
+def schema(indent: int) -> None:
+    """Print the spec's JSON Schema (for editors' YAML language servers)."""
+    from dksgraph.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=indent))
+
+
+def main() -> None:
+    cli(prog_name="dksgraph")
+
+
+if __name__ == "__main__":
+    main()

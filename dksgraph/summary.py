@@ -1,0 +1,108 @@
+"""Numbers and tables for the CLI: per-classifier parameters and FLOPs, valid-tap listings.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add counts as 2 FLOPs)
+for one image at the spec's input size.
+
+Example::
+
+    >>> print(format_table([["main", 1], ["c2", 22]], ["classifier", "n"]))
+    classifier   n
+    ----------  --
+    main         1
+    c2          22
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dksgraph.augment import AugmentedModel, count_parameters
+from dksgraph.graph import Traced
+
+
+def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """Plain aligned text columns; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("%"))
+        return True
+    except ValueError:
+        return False
+
+
+def flops(module: nn.Module, x: torch.Tensor) -> int:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return int(counter.get_total_flops())
+
+
+def classifier_rows(model: AugmentedModel) -> tuple[list[list[object]], str]:
+    """One summary row per classifier, and a footer with the training overhead vs the backbone."""
+    t = model.traced
+    param = next(model.backbone.parameters())
+    x = torch.zeros((1, *t.input_size), dtype=param.dtype, device=param.device)
+    base_flops = flops(model.backbone, x)
+    base_params = count_parameters(model.backbone)
+    rows: list[list[object]] = [[
+        "main (C1)", "-", _shape(t.shapes[t.final]), t.d[t.final], "backbone", f"{base_params / 1e6:.3f}",
+        f"{base_flops / 1e6:.1f}",
+    ]]
+    extra_params = extra_flops = 0
+    for number, plan in enumerate(model.plans, start=2):
+        branch = model.branches[plan.label]
+        feature = torch.zeros((1, *plan.in_shape), dtype=param.dtype, device=param.device)
+        f, p = flops(branch, feature), count_parameters(branch)
+        extra_flops += f
+        extra_params += p
+        rows.append([f"{plan.label} (C{number})", plan.tap, _shape(plan.in_shape), plan.d, plan.describe(),
+                     f"{p / 1e6:.3f}", f"{f / 1e6:.1f}"])
+    footer = (f"training overhead vs backbone: +{100 * extra_params / base_params:.1f}% parameters, "
+              f"+{100 * extra_flops / max(base_flops, 1):.1f}% FLOPs per image; "
+              f"deployed after strip: +0 (the original network)")
+    return rows, footer
+
+
+CLASSIFIER_HEADERS = ["classifier", "tap", "feature", "d", "branch stages (block x depth @channels)", "params(M)",
+                      "MFLOPs"]
+
+
+def tap_rows(t: Traced, auto: dict[str, str]) -> list[list[object]]:
+    """One row per valid tap: preferred name, node, shape, downsampling count, stage, auto label."""
+    block_at = {b.node: b for b in t.blocks}
+    stage_end = {s.end.node: s for s in t.stages}
+    rows = []
+    for q in t.valid_taps():
+        where = ""
+        if q in stage_end:
+            where = f"end of stage {stage_end[q].name}"
+        elif q in block_at:
+            where = f"block {block_at[q].path} ({block_at[q].type_name})"
+        rows.append([t.alias(q), q if q != t.alias(q) else "", _shape(t.shapes[q]), t.d[q], where, auto.get(q, "")])
+    return rows
+
+
+TAP_HEADERS = ["tap", "node", "shape", "d", "where", "auto"]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
