@@ -69,7 +69,8 @@ _num_classes = click.option("--num-classes", type=click.IntRange(min=1), help="O
 @click.argument("target", metavar="SPEC_OR_MODEL")
 @_input_size
 @_num_classes
-def inspect(target: str, input_size, num_classes) -> None:
+@click.option("--all", "show_all", is_flag=True, help="Also list the cut points inside blocks.")
+def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
     """List the valid taps of a backbone: shape, downsampling count, stage, and the auto choice.
 
     SPEC_OR_MODEL is a spec file or a model name such as `zoo:resnet32`, `torchvision:resnet50`,
@@ -85,7 +86,7 @@ def inspect(target: str, input_size, num_classes) -> None:
     auto = t.auto_taps()
     click.echo(f"{spec.backbone.model} at input {'x'.join(map(str, t.input_size))}: "
                f"{len(t.order)} graph nodes, {len(t.cut_points)} cut points, {len(t.blocks)} blocks")
-    click.echo(format_table(tap_rows(t, {node: label for label, node, _ in auto}), TAP_HEADERS))
+    click.echo(format_table(tap_rows(t, {node: label for label, node, _ in auto}, show_all), TAP_HEADERS))
     click.echo(f"\nfinal feature map: {t.alias(t.final)} ({'x'.join(map(str, t.shapes[t.final]))}, "
                f"d={t.d[t.final]}); head: {', '.join(t.head)}")
     click.echo("stages: " + "; ".join(f"d={s.d} {s.name} ({len(s.blocks)} blocks"

@@ -145,9 +145,25 @@ class Traced:
         return self.aliases.get(node, node)
 
     def valid_taps(self) -> list[str]:
-        """Cut points with a 4-D feature map before the final feature map, in graph order."""
+        """Cut points with a 4-D feature map before f whose branch stages all exist, in graph order."""
         idx = self.index
-        return [q for q in self.cut_points if len(self.shapes.get(q, ())) == 3 and idx[q] < idx[self.final]]
+        return [q for q in self.cut_points if len(self.shapes.get(q, ())) == 3 and idx[q] < idx[self.final]
+                and self._stage_problem(q) is None]
+
+    def _stage_problem(self, node: str) -> str | None:
+        """Why no branch obeying the downsampling rule can start at ``node`` (None when one can)."""
+        for k in range(self.d[node] + 1, self.d[self.final] + 1):
+            stage = self.stage_at(k)
+            if stage is None or not stage.downsamples:
+                where = "it happens outside any building block" if stage is None else (
+                    f"stage `{stage.name}` does not start with a strided block")
+                later = [self.alias(s.end.node) for s in self.stages if s.d >= k and s.d < self.d[self.final]]
+                return (
+                    f"tap `{{at}}` (downsampling count {self.d[node]}) needs a branch stage that reproduces "
+                    f"downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the end "
+                    f"of the stage at count {k} instead" + (f" (e.g. `{later[0]}`)." if later else ".")
+                )
+        return None
 
     def stage_at(self, d: int) -> Stage | None:
         return next((s for s in self.stages if s.d == d), None)
@@ -188,18 +204,9 @@ class Traced:
                 f"tap `{at}` outputs shape {self.shapes.get(node)}, not a C x H x W feature map; tap a 4-D node "
                 f"such as {self._near(idx[node])}."
             )
-        for k in range(self.d[node] + 1, self.d[self.final] + 1):
-            stage = self.stage_at(k)
-            if stage is None or not stage.downsamples:
-                where = f"it happens outside any building block" if stage is None else (
-                    f"stage `{stage.name}` does not start with a strided block")
-                first_ok = [self.alias(s.blocks[0].node) for s in self.stages if s.d >= k and s.downsamples]
-                raise GraphError(
-                    f"tap `{at}` (downsampling count {self.d[node]}) needs a branch stage that reproduces "
-                    f"downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the end "
-                    f"of the stage at count {k} instead"
-                    + (f" (e.g. {', '.join('`' + a + '`' for a in first_ok[:2])})." if first_ok else ".")
-                )
+        problem = self._stage_problem(node)
+        if problem:
+            raise GraphError(problem.format(at=at))
         return node
 
     def auto_taps(self) -> list[tuple[str, str, str]]:

@@ -86,17 +86,24 @@ CLASSIFIER_HEADERS = ["classifier", "tap", "feature", "d", "branch stages (block
                       "MFLOPs"]
 
 
-def tap_rows(t: Traced, auto: dict[str, str]) -> list[list[object]]:
-    """One row per valid tap: preferred name, node, shape, downsampling count, stage, auto label."""
+def tap_rows(t: Traced, auto: dict[str, str], inside_blocks: bool = False) -> list[list[object]]:
+    """One row per valid tap: preferred name, node, shape, downsampling count, stage, auto label.
+
+    Cut points inside a block (a residual add before the block's last ReLU) are listed only with
+    ``inside_blocks``; a tap there is valid but rarely what one wants.
+    """
     block_at = {b.node: b for b in t.blocks}
     stage_end = {s.end.node: s for s in t.stages}
+    in_block = tuple(b.path + "." for b in t.blocks)
     rows = []
     for q in t.valid_taps():
+        if not inside_blocks and q not in block_at and q.startswith(in_block):
+            continue
         where = ""
         if q in stage_end:
             where = f"end of stage {stage_end[q].name}"
         elif q in block_at:
-            where = f"block {block_at[q].path} ({block_at[q].type_name})"
+            where = f"block ({block_at[q].type_name})"
         rows.append([t.alias(q), q if q != t.alias(q) else "", _shape(t.shapes[q]), t.d[q], where, auto.get(q, "")])
     return rows
 

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from dksgraph.augment import augment
+from dksgraph.errors import GraphError
+from dksgraph.spec import load_spec, parse_spec
+
+
+def blocks_of(stage: nn.Sequential, cls_name: str) -> list[nn.Module]:
+    return [m for m in stage if type(m).__name__ == cls_name]
+
+
+# (spec, tap) -> per branch stage: (block class, count, output channels)
+REFERENCE = {
+    ("resnet32", "c3"): [("CifarBasicBlock", 5, 32), ("CifarBasicBlock", 3, 64)],
+    ("resnet32", "c2"): [("CifarBasicBlock", 5, 128)],
+    ("resnet110", "c3"): [("CifarBasicBlock", 9, 32), ("CifarBasicBlock", 9, 64)],
+    ("resnet110", "c2"): [("CifarBasicBlock", 18, 128)],
+    ("wrn28_4", "c3"): [("PreActBlock", 4, 128), ("PreActBlock", 2, 256)],
+    ("wrn28_4", "c2"): [("PreActBlock", 4, 512)],
+    ("densenet40", "c3"): [("DenseLayer", 12, 160 + 12 * 12), ("DenseLayer", 6, 304 + 6 * 12)],
+    ("densenet40", "c2"): [("DenseLayer", 12, 304 + 12 * 36)],
+    ("resnet18", "c3"): [("BasicBlock", 1, 256), ("BasicBlock", 2, 512)],
+    ("resnet18", "c2"): [("BasicBlock", 2, 1024)],
+    ("resnet50", "c3"): [("Bottleneck", 3, 1024), ("Bottleneck", 2, 2048)],
+    ("resnet50", "c2"): [("Bottleneck", 3, 4096)],
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = augment(load_spec(ROOT / "specs" / f"{name}.yaml"))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCE), ids=lambda k: f"{k[0]}-{k[1]}")
+def test_reference_branch_sizes(built, key):
+    model = built(key[0])
+    branch = model.branches[key[1]]
+    plan = next(p for p in model.plans if p.label == key[1])
+    assert len(branch.stages) == len(REFERENCE[key])
+    for stage, plan_stage, (cls_name, count, channels) in zip(branch.stages, plan.stages, REFERENCE[key]):
+        assert len(blocks_of(stage, cls_name)) == count
+        assert plan_stage.out_channels == channels
+
+
+@pytest.mark.parametrize("name", ["resnet32", "wrn28_4", "densenet40", "resnet18", "mobilenet"])
+def test_every_branch_ends_at_the_final_feature_map_size(built, name):
+    """The paper's rule: every classifier's path has as many downsamplings as the main path."""
+    model = built(name)
+    t = model.traced
+    final = t.shapes[t.final]
+    model.eval()
+    for plan in model.plans:
+        feature = torch.randn(2, *t.shapes[plan.node])
+        out = model.branches[plan.label].stages(feature)
+        assert out.shape[2:] == final[1:], plan.label
+        assert len(plan.stages) == t.d[t.final] - t.d[plan.node]
+
+
+def test_branch_head_is_a_fresh_resized_copy(built):
+    model = built("resnet32")
+    head = model.branches["c2"].head
+    assert head.fc.in_features == 128 and head.fc.out_features == 100
+    assert head.fc is not model.backbone.fc
+
+
+def _spec(taps, model="zoo:resnet32"):
+    return parse_spec({"backbone": {"model": model, "input_size": [3, 32, 32]}, "taps": taps})
+
+
+def test_depth_list_length_must_match_stage_count():
+    with pytest.raises(GraphError, match=r"`depth` has 1 entry but this branch has 2 stages.*count 0 and the final feature map at 2"):
+        augment(_spec([{"at": "layer1", "depth": [5]}]))
+
+
+def test_width_on_family_without_builder_is_refused():
+    with pytest.raises(GraphError, match="no builder for that block family"):
+        augment(_spec([{"at": "stage2", "width": [2.0]}], model="toynets:odd_net"))
+
+
+def test_generic_family_copies_blocks_fresh():
+    model = augment(_spec([{"at": "stage1", "name": "c3", "depth": [3, 1]}], model="toynets:odd_net"))
+    stages = model.branches["c3"].stages
+    assert [len(s) for s in stages] == [3, 1]
+    copy, original = stages[0][0], model.backbone.stage2[0]
+    assert type(copy).__name__ == "OddBlock" and copy is not original
+    assert not torch.equal(copy.conv.weight, original.conv.weight)  # re-initialised, not shared
+
+
+def test_width_scales_channels_for_builder_families():
+    model = augment(_spec([{"at": "layer2", "name": "c2", "width": [0.5]}]))
+    assert model.plans[0].stages[0].out_channels == 32

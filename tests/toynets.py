@@ -1,0 +1,58 @@
+"""Small backbones for tests: a block family without a dksgraph builder, and an untraceable net."""
+
+import torch
+from torch import nn
+
+
+class OddBlock(nn.Module):
+    """A residual block dksgraph has no builder for (so it falls back to copying)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.skip = nn.Conv2d(cin, cout, 1, stride) if (stride != 1 or cin != cout) else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + self.skip(x))
+
+
+class OddNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.stage1 = nn.Sequential(OddBlock(8, 8, 1), OddBlock(8, 8, 1))
+        self.stage2 = nn.Sequential(OddBlock(8, 16, 2), OddBlock(16, 16, 1))
+        self.stage3 = nn.Sequential(OddBlock(16, 32, 2), OddBlock(32, 32, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: FX cannot trace through it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+class GatedNet(OddNet):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.stage2[1] = nn.Sequential(OddBlock(16, 16, 1), Gate())
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def odd_net(num_classes: int = 10) -> OddNet:
+    return OddNet(num_classes)
+
+
+def gated_net(num_classes: int = 10) -> GatedNet:
+    return GatedNet(num_classes)
