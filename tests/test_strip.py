@@ -76,6 +76,7 @@ def test_strip_checkpoint_loads_into_stock_class(tmp_path):
     assert_stripped_equals(model, stock)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_matches(tmp_path):
     spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
     model = augment(spec)
