@@ -62,6 +62,10 @@ class AugmentedModel(nn.Module):
             logits[label] = branch(feature)
         return logits
 
+    def forward_main(self, x: Tensor) -> Tensor:
+        """Only the backbone's own logits, through the same program ``forward`` runs (no branches)."""
+        return main_logits(self.__dict__["_programs"][self.training](x)[0])
+
     def extra_repr(self) -> str:
         return f"classifiers={self.classifiers}, pairs={len(self.pairs)}"
 

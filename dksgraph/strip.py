@@ -41,9 +41,8 @@ def strip(source: AugmentedModel | str | Path) -> nn.Module:
     """The original network with the trained backbone weights, verified against the augmented model."""
     augmented = source if isinstance(source, AugmentedModel) else load_augmented(source)[0]
     spec = augmented.spec
-    original = build_backbone(spec.backbone)
-    state = {k[len(PREFIX):]: v for k, v in augmented.state_dict().items() if k.startswith(PREFIX)}
-    _strict_load(original, state, "the backbone weights", spec)
+    state = {k[len(PREFIX):]: v.clone() for k, v in augmented.state_dict().items() if k.startswith(PREFIX)}
+    original = _rebuild(spec, state)
     param = next(augmented.parameters(), None)
     if param is not None:
         original.to(param.device, param.dtype)
@@ -59,7 +58,7 @@ def verify(augmented: AugmentedModel, original: nn.Module, spec: Spec) -> None:
         original.eval()
         x = probe_input(spec, like=original)
         with torch.no_grad():
-            want = augmented(x)["main"]
+            want = augmented.forward_main(x)
             got = _logits(original(x))
     finally:
         for m, mode in modes.items():
@@ -120,7 +119,23 @@ def _logits(out):
     return main_logits(out)
 
 
-def _strict_load(module: nn.Module, state: dict, what: str, spec: Spec) -> None:
+def _rebuild(spec: Spec, state: dict) -> nn.Module:
+    """The spec's network holding ``state``, strictly loaded.
+
+    Built on the meta device first (no time spent on a random init that the load overwrites);
+    a network with tensors outside its state_dict (non-persistent buffers) is built normally.
+    """
+    with torch.device("meta"):
+        shell = build_backbone(spec.backbone)
+    _strict_load(shell, state, "the backbone weights", spec, assign=True)
+    if not any(t.is_meta for t in [*shell.parameters(), *shell.buffers()]):
+        return shell
+    original = build_backbone(spec.backbone)
+    _strict_load(original, state, "the backbone weights", spec)
+    return original
+
+
+def _strict_load(module: nn.Module, state: dict, what: str, spec: Spec, assign: bool = False) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -139,4 +154,4 @@ def _strict_load(module: nn.Module, state: dict, what: str, spec: Spec) -> None:
             f"kwargs {dict(spec.backbone.kwargs)}): {', '.join(parts)} weights. The weights were saved from a "
             "different model or spec; use the checkpoint together with the spec it was trained with."
         )
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)

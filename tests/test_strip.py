@@ -30,6 +30,8 @@ def test_strip_is_bit_exact_for_every_spec(path):
     model = augment(spec)
     original = strip(model)
     assert type(original) is type(model.backbone) and original is not model.backbone
+    shared = {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in original.parameters()}
+    assert not shared  # an independent copy, not a view of the training weights
     assert_stripped_equals(model, original)
 
 
