@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torchvision
 
@@ -60,3 +61,25 @@ def test_help_lists_commands(run):
     out = run("--help").output
     for command in ("inspect", "augment", "strip", "schema"):
         assert command in out
+
+
+BAD_TAPS = {
+    "unknown tap": ("zoo:resnet32", "  - at: layer22\n", "unknown tap `layer22`"),
+    "not a cut point": ("zoo:resnet32", "  - at: layer2.0.conv1\n", "nearest valid taps are"),
+    "at the final feature map": ("zoo:resnet32", "  - at: layer3\n", "at or after the final feature map `layer3`"),
+    "depth length": ("zoo:resnet32", "  - {at: layer1, depth: [5]}\n", "`depth` has 1 entry but this branch has 2 stages"),
+    "width length": ("zoo:resnet32", "  - {at: layer2, width: [1.0, 2.0]}\n", "`width` has 2 entries but this branch has 1 stage"),
+    "width without builder": ("toynets:odd_net", "  - {at: stage2, width: [2.0]}\n", "no builder for that block family"),
+    "untraceable": ("toynets:gated_net", "  - at: stage1\n", "module `stage2.1.1` (Gate)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TAPS))
+def test_bad_taps_exit_2_with_their_message(run, tmp_path, case):
+    model, taps, message = BAD_TAPS[case]
+    write(tmp_path / "s.yaml", f"backbone: {{model: '{model}', input_size: [3, 32, 32]}}\ntaps:\n{taps}")
+    result = run("augment", "s.yaml", "--save", "x.pt", "--render")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, text
+    assert message in text and "Traceback" not in text
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.yaml"]  # nothing written
