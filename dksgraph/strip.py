@@ -33,8 +33,13 @@ def load_augmented(path: str | Path) -> tuple[AugmentedModel, dict]:
     ckpt = load_checkpoint(path)
     spec = parse_spec(ckpt["spec"], source=f"{path} (its spec)")
     model = augment(spec)
-    _strict_load(model, ckpt["model"], f"`{path}`", spec)
+    load_augmented_state(model, ckpt["model"], path)
     return model, ckpt
+
+
+def load_augmented_state(model: AugmentedModel, state: dict, path: str | Path) -> None:
+    """Strictly load a checkpoint's weights, with a readable error when they do not fit its spec."""
+    _strict_load(model, state, f"the weights in `{path}`", model.spec)
 
 
 def strip(source: AugmentedModel | str | Path) -> nn.Module:

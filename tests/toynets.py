@@ -56,3 +56,19 @@ def odd_net(num_classes: int = 10) -> OddNet:
 
 def gated_net(num_classes: int = 10) -> GatedNet:
     return GatedNet(num_classes)
+
+
+class DropNet(OddNet):
+    """OddNet with dropout before the classifier: training consumes the RNG."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
+
+def drop_net(num_classes: int = 10) -> DropNet:
+    return DropNet(num_classes)

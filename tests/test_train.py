@@ -1,0 +1,139 @@
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write
+from dksgraph.errors import DksError
+from dksgraph.spec import parse_spec
+from dksgraph.strip import strip
+from dksgraph.train.checkpoint import load_checkpoint
+from dksgraph.train.engine import RunConfig, Trainer
+
+TOY = {"name": "toy", "backbone": {"model": "toynets:drop_net", "kwargs": {"num_classes": 10},
+                                   "input_size": [3, 32, 32]},
+       "train": {"optimizer": {"lr": 0.05}, "schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5}}}
+
+
+def config(out, **kw):
+    base = dict(method="dks", out=str(out), dataset="synthetic", epochs=2, batch_size=16, limit_train_batches=3,
+                limit_eval_batches=1, log_every=1)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["dks", "ds", "baseline"])
+def test_one_epoch_per_method_writes_checkpoints_and_metrics(run, tmp_path, method):
+    result = run("train", ROOT / "specs" / "resnet32.yaml", "--method", method, "--dataset", "synthetic",
+                 "--num-classes", 10, "--epochs", 1, "--batch-size", 16, "--limit-train-batches", 2,
+                 "--limit-eval-batches", 1, "--out", "run")
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["format"] == "dksgraph/1" and ckpt["epoch"] == 1 and ckpt["method"] == method
+    assert (tmp_path / "run" / "best.pt").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1
+    classifiers = ["main"] if method == "baseline" else ["main", "c2", "c3", "ensemble"]
+    for name in classifiers:
+        assert 0 <= records[0][f"test/acc1/{name}"] <= 100
+    assert ("train/synergy/main->c2" in records[0]) == (method == "dks")
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header == list(records[0])
+    stripped = run("strip", "run/last.pt", "-o", "r32.pt")  # every method's checkpoint strips
+    assert stripped.exit_code == 0, stripped.output
+    evaluated = run("eval", "run/last.pt", "--limit-eval-batches", 1)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert all(name in evaluated.output for name in classifiers)
+
+
+def test_interrupt_and_resume_is_bit_identical(tmp_path):
+    spec = parse_spec(TOY)
+    reference = Trainer(spec, config(tmp_path / "a"))
+    reference.fit()
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(spec, config(tmp_path / "b"), on_step=interrupt).fit()
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["epoch"] == 1
+    resumed = Trainer(parse_spec(ckpt["spec"]), RunConfig.from_dict(ckpt["config"]), resume=ckpt)
+    resumed.fit()
+    a, b = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train/total"] for r in reference.history] == [r["train/total"] for r in resumed.history]
+
+
+def test_resume_from_the_cli(run, tmp_path):
+    write(tmp_path / "toy.yaml", json.dumps(TOY))
+    args = ["--dataset", "synthetic", "--batch-size", 16, "--limit-train-batches", 2, "--limit-eval-batches", 1]
+    assert run("train", "toy.yaml", "--epochs", 1, "--out", "r", *args).exit_code == 0
+    result = run("train", "--resume", "r/last.pt", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert "epochs 2..2" in result.output
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 2
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_existing_run_folder_is_refused_without_overwrite(run, tmp_path):
+    write(tmp_path / "toy.yaml", json.dumps(TOY))
+    args = ["toy.yaml", "--dataset", "synthetic", "--epochs", 1, "--batch-size", 16, "--limit-train-batches", 1,
+            "--limit-eval-batches", 1, "--out", "r"]
+    assert run("train", *args).exit_code == 0
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    refused = run("train", *args)
+    assert refused.exit_code == 2 and "already holds a run" in refused.output
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+    assert run("train", *args, "--overwrite").exit_code == 0
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+    def poison(epoch, step):
+        if (epoch, step) == (1, 0):
+            with torch.no_grad():
+                trainer.model.backbone.fc.weight.fill_(float("nan"))
+
+    trainer = Trainer(parse_spec(TOY), config(tmp_path / "n"), on_step=poison)
+    with pytest.raises(DksError, match=r"NaN or infinite at epoch 2, step 2.*last good checkpoint"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "n" / "last.pt")["epoch"] == 1
+
+
+def test_two_process_gloo_ddp_run_strips_bit_exactly(tmp_path):
+    write(tmp_path / "toy.yaml", json.dumps(TOY))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "dksgraph", "train", "toy.yaml", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "16",
+           "--limit-train-batches", "3", "--limit-eval-batches", "2", "--out", "ddp", "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "on cpu x2" in done.stdout
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ckpt["metrics"]["test/acc1/main"] >= 0
+    strip(tmp_path / "ddp" / "last.pt")  # raises unless bit-exact
+
+
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="../shared/data/cifar10-jpeg.tar.gz is not here")
+def test_a_few_steps_on_real_cifar10_lower_the_training_loss(tmp_path):
+    with tarfile.open(CIFAR) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(("train/", "test/")) and (
+            not m.isfile() or int(Path(m.name).stem) < 60)]
+        tar.extractall(tmp_path / "cifar", members=members, filter="data")
+    spec = parse_spec({"backbone": {"model": "zoo:resnet32", "kwargs": {"num_classes": 10},
+                                    "input_size": [3, 32, 32]},
+                       "train": {"optimizer": {"lr": 0.05}, "augmentation": "none"}})
+    trainer = Trainer(spec, config(tmp_path / "c", dataset="imagefolder", data_dir=str(tmp_path / "cifar"),
+                                   epochs=4, batch_size=32, limit_train_batches=None, limit_eval_batches=1))
+    history = trainer.fit()
+    losses = [r["train/total"] for r in history]
+    assert losses[-1] < losses[0] * 0.9, losses
