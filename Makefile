@@ -1,4 +1,4 @@
-# make demo  - fresh venv, install, inspect + augment --render + strip on the paper's specs
+# make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
 # make test  - fresh venv, install, the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,14 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	mkdir -p demo
-	cd demo && ../$(BIN)/dksgraph inspect zoo:resnet32
-	cd demo && ../$(BIN)/dksgraph augment ../specs/densenet100.yaml --render
-	cd demo && ../$(BIN)/dksgraph augment ../specs/resnet18.yaml --render --save resnet18-init.pt
-	cd demo && ../$(BIN)/dksgraph strip resnet18-init.pt -o resnet18.pt
-	cd demo && ../$(BIN)/python -c "import torch, torchvision; m = torchvision.models.resnet18(); \
-		m.load_state_dict(torch.load('resnet18.pt', weights_only=True)); \
-		print('resnet18.pt loads into a stock torchvision.models.resnet18()')"
-	@echo "demo outputs are in demo/: *.augmented.svg pictures, resnet18-init.pt, resnet18.pt"
+	cd demo && ../tools/demo.sh
 
 test: install
 	$(BIN)/python -m pytest -q

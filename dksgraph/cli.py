@@ -187,6 +187,7 @@ def strip(checkpoint: str, output: str | None, fmt: str) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Default: the spec's train.epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size (split over processes).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Default: the spec's learning rate.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), help="Linear LR warm-up (default: the spec's).")
 @click.option("--seed", type=int, help="Default: the spec's train.seed.")
 @click.option("--train-subset", type=click.IntRange(min=1), help="Train on a fixed random subset of N images.")
 @click.option("--limit-train-batches", type=click.IntRange(min=1), help="At most N training batches per epoch.")
@@ -197,7 +198,8 @@ def strip(checkpoint: str, output: str | None, fmt: str) -> None:
 @click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on recent GPUs).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 4 on CUDA, 0 on CPU).")
-def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_classes, epochs, batch_size, lr, seed,
+def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_classes, epochs, batch_size, lr,
+          warmup_epochs, seed,
           train_subset, limit_train_batches, limit_eval_batches, device, amp, channels_last, use_compile,
           workers) -> None:
     """Train the spec's backbone with DKS (or DS / the plain baseline) on CPU, a GPU, or DDP via torchrun.
@@ -236,8 +238,10 @@ def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_clas
                 update={"kwargs": {**spec.backbone.kwargs, "num_classes": num_classes}})})
         t = spec.train
         if lr:
-            spec = spec.model_copy(update={"train": t.model_copy(update={"optimizer": t.optimizer.model_copy(
-                update={"lr": lr})})})
+            t = t.model_copy(update={"optimizer": t.optimizer.model_copy(update={"lr": lr})})
+        if warmup_epochs is not None:
+            t = t.model_copy(update={"schedule": t.schedule.model_copy(update={"warmup_epochs": warmup_epochs})})
+        spec = spec.model_copy(update={"train": t})
         config = RunConfig(
             method=method, out=out or f"runs/{spec.display_name}-{method}", dataset=dataset or t.dataset,
             data_dir=data_dir or t.data_dir, epochs=epochs or t.epochs, batch_size=batch_size or t.batch_size,

@@ -89,6 +89,8 @@ class ScheduleSpec(_Strict):
     milestones: list[PositiveInt] = Field(default_factory=lambda: [60, 120, 160])
     step_size: PositiveInt | None = Field(None, description="Epochs between decays for `step`.")
     gamma: PositiveFloat = 0.2
+    warmup_epochs: NonNegativeFloat = Field(
+        0.0, description="Linear learning-rate warm-up over this many epochs, per step (0: none, as in the paper).")
 
 
 class TrainSpec(_Strict):

@@ -137,3 +137,14 @@ def test_a_few_steps_on_real_cifar10_lower_the_training_loss(tmp_path):
     history = trainer.fit()
     losses = [r["train/total"] for r in history]
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_warmup_ramps_per_step_and_leaves_the_schedule_alone(tmp_path):
+    spec = parse_spec({**TOY, "train": {"optimizer": {"lr": 0.1},
+                                        "schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5,
+                                                     "warmup_epochs": 1}}})
+    seen = []
+    trainer = Trainer(spec, config(tmp_path / "w", epochs=2, limit_train_batches=4),
+                      on_step=lambda e, s: seen.append(round(trainer.optimizer.param_groups[0]["lr"], 6)))
+    trainer.fit()
+    assert seen == [0.025, 0.05, 0.075, 0.1, 0.05, 0.05, 0.05, 0.05]

@@ -132,7 +132,7 @@ def _folders(name: str, data_dir: str, augmentation: str, input_size) -> Data:
 
 
 class ShardSampler(Sampler[int]):
-    """This rank's share of a (seed + epoch)-seeded permutation, or of the plain order when not shuffling.
+    """This rank's share of a (seed + epoch)-seeded permutation (training) or of a fixed one (evaluation).
 
     Training shards are padded to equal length (every rank takes the same number of steps);
     evaluation shards are not, so every test image is counted exactly once.
@@ -147,10 +147,10 @@ class ShardSampler(Sampler[int]):
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
+        # evaluation uses one fixed permutation, so that a limited evaluation (--limit-eval-batches) still
+        # samples every class of a dataset stored class by class
+        seed = self.seed + self.epoch if self.shuffle else 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
         if self.pad:
             total = math.ceil(self.size / self.world) * self.world
             order += order[: total - self.size]

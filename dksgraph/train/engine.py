@@ -184,7 +184,13 @@ class Trainer:
         images, start = 0, time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
                    disable=not self.world.is_main, dynamic_ncols=True, leave=False)
+        scheduled = [g["lr"] for g in self.optimizer.param_groups]
+        warmup_steps = self.spec.train.schedule.warmup_epochs * steps
         for step, (x, y) in enumerate(itertools.islice(loader, steps)):
+            if epoch * steps + step < warmup_steps:
+                factor = (epoch * steps + step + 1) / warmup_steps
+                for group, lr in zip(self.optimizer.param_groups, scheduled):
+                    group["lr"] = lr * factor
             x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.net(x)
@@ -211,6 +217,8 @@ class Trainer:
                                 acc=f"{100 * acc.hits[0, 0].item() / acc.seen.item():.1f}%", img_s=f"{rate:.0f}")
             bar.update(1)
         bar.close()
+        for group, lr in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = lr  # the per-epoch scheduler continues from the un-warmed value
         elapsed = time.perf_counter() - start
         distributed.all_reduce_sum(sums)
         distributed.all_reduce_sum(acc.hits)
