@@ -3,13 +3,14 @@
     python tools/bench_train.py                   # zoo:resnet32 (batch 64) and torchvision:resnet18 (224, batch 16)
     python tools/bench_train.py --steps 20 --json
 
-For each backbone and method, a fresh process builds the model from the spec in `specs/`, runs
-warm-up steps on random data, then times ``--steps`` optimiser steps (forward, SynergyLoss,
-backward, SGD step; median reported). It reports the ratio to baseline, the FLOPs ratio of the
-augmented vs the plain model (torch.utils.flop_counter, forward), the share of a step spent in
-SynergyLoss (its forward + backward on the step's logits), and peak memory (max RSS on CPU,
-max allocated on CUDA). Targets: synergy < 1 % of a DKS step; DKS/baseline step ratio <= 1.05 x
-the FLOPs ratio; DS and DKS within 3 %.
+For each backbone, the three methods' models are built from the spec in `specs/` and stepped in
+turn on random data (forward, SynergyLoss, backward, SGD step), ``--steps`` rounds after a
+warm-up, so that machine noise hits all three alike; the median step is reported, with its ratio
+to baseline, the FLOPs ratio of the augmented vs the plain model (torch.utils.flop_counter,
+forward), the share of a step spent in SynergyLoss (its forward + backward on the step's logits)
+and peak memory (one fresh process per method; VmHWM on Linux, max allocated on CUDA).
+Targets: synergy < 1 % of a DKS step; DKS/baseline step ratio <= 1.05 x the FLOPs ratio; DS and
+DKS within 3 %.
 """
 
 from __future__ import annotations
@@ -38,60 +39,86 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def worker(backbone: str, method: str, steps: int, device_name: str) -> dict:
-    from dksgraph.augment import augment
-    from dksgraph.loss import SynergyLoss
-    from dksgraph.spec import load_spec
-    from dksgraph.summary import flops
-    from dksgraph.train.engine import run_spec
+class Setup:
+    """One method's model, loss, optimiser and batch, ready to step."""
 
-    spec_file, size, batch = BACKBONES[backbone]
-    device = torch.device(device_name)
-    spec = load_spec(ROOT / "specs" / spec_file)
-    spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update={"input_size": (3, size, size)})})
-    torch.manual_seed(0)
-    model = augment(run_spec(spec, method)).to(device)
-    loss_fn = SynergyLoss.for_model(model, method).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    classes = int(spec.backbone.kwargs.get("num_classes", 1000))
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
-    one = x[:1].cpu()
-    model_flops = flops(model.cpu(), one)
-    backbone_flops = flops(model.backbone, one)
-    model.to(device)
+    def __init__(self, backbone: str, method: str, device: torch.device) -> None:
+        from dksgraph.augment import augment
+        from dksgraph.loss import SynergyLoss
+        from dksgraph.spec import load_spec
+        from dksgraph.summary import flops
+        from dksgraph.train.engine import run_spec
 
-    def step():
-        logits = model(x)
-        out = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
+        spec_file, size, batch = BACKBONES[backbone]
+        spec = load_spec(ROOT / "specs" / spec_file)
+        spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update={"input_size": (3, size, size)})})
+        torch.manual_seed(0)
+        self.device, self.batch, self.size = device, batch, size
+        self.model = augment(run_spec(spec, method))
+        one = torch.zeros(1, 3, size, size)
+        self.flops_ratio = flops(self.model, one) / flops(self.model.backbone, one)
+        self.model.to(device)
+        self.loss_fn = SynergyLoss.for_model(self.model, method).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        classes = int(spec.backbone.kwargs.get("num_classes", 1000))
+        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.y = torch.randint(0, classes, (batch,), device=device)
+
+    def step(self) -> dict:
+        logits = self.model(self.x)
+        out = self.loss_fn(logits, self.y)
+        self.opt.zero_grad(set_to_none=True)
         out.total.backward()
-        opt.step()
+        self.opt.step()
         return logits
 
-    for _ in range(3):
-        logits = step()
-    times = []
+    def timed(self, fn) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        fn()
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def loss_time(self, logits: dict) -> float:
+        leaf = {k: v.detach().requires_grad_(True) for k, v in logits.items()}
+        return self.timed(lambda: self.loss_fn(leaf, self.y).total.backward())
+
+
+def time_methods(backbone: str, steps: int, device_name: str) -> dict:
+    """Step times of the three methods, interleaved step by step so machine noise hits all alike."""
+    device = torch.device(device_name)
+    setups = {m: Setup(backbone, m, device) for m in METHODS}
+    for s in setups.values():
+        for _ in range(3):
+            s.step()
+    times = {m: [] for m in METHODS}
     for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        logits = step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    leaf = {k: v.detach().requires_grad_(True) for k, v in logits.items()}
-    loss_times = []
-    for _ in range(max(steps, 20)):
-        sync(device)
-        start = time.perf_counter()
-        loss_fn(leaf, y).total.backward()
-        sync(device)
-        loss_times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"backbone": backbone, "method": method, "batch": batch, "input": size, "step_ms": step_s * 1e3,
-            "flops_ratio": model_flops / backbone_flops, "loss_share_pct": 100 * statistics.median(loss_times) / step_s,
-            "peak_mem_mib": peak, "images_per_s": batch / step_s}
+        for m, s in setups.items():
+            times[m].append(s.timed(s.step))
+    out = {}
+    for m, s in setups.items():
+        logits = s.step()
+        loss_s = statistics.median(s.loss_time(logits) for _ in range(max(steps, 20)))
+        step_s = statistics.median(times[m])
+        out[m] = {"backbone": backbone, "method": m, "batch": s.batch, "input": s.size, "step_ms": step_s * 1e3,
+                  "flops_ratio": s.flops_ratio, "loss_share_pct": 100 * loss_s / step_s,
+                  "images_per_s": s.batch / step_s}
+    return out
+
+
+def peak_memory(backbone: str, method: str, device_name: str) -> float:
+    """Peak memory (MiB) of a few training steps of one method, in this (fresh) process."""
+    device = torch.device(device_name)
+    s = Setup(backbone, method, device)
+    for _ in range(3):
+        s.step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM is this process's own high-water mark (ru_maxrss would include the parent's at fork time)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -103,15 +130,15 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("BACKBONE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.device)))
+        print(json.dumps(peak_memory(*args.worker, args.device)))
         return
     rows = []
     for backbone in args.backbones:
-        results = {}
-        for method in METHODS:  # one process per measurement: clean peak memory and allocator state
-            out = subprocess.run([sys.executable, __file__, "--worker", backbone, method, "--steps", str(args.steps),
-                                  "--device", args.device], capture_output=True, text=True, check=True)
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        results = time_methods(backbone, args.steps, args.device)
+        for method in METHODS:  # one fresh process per method for a clean peak-memory reading
+            out = subprocess.run([sys.executable, __file__, "--worker", backbone, method, "--device", args.device],
+                                 capture_output=True, text=True, check=True)
+            results[method]["peak_mem_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results["baseline"]["step_ms"]
         for method in METHODS:
             r = results[method]
