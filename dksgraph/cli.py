@@ -209,7 +209,6 @@ def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_clas
       dksgraph train --resume runs/r32-dks/last.pt
       torchrun --nproc-per-node 8 -m dksgraph train specs/resnet50.yaml
     """
-    from dataclasses import asdict
 
     from dksgraph.spec import load_spec, parse_spec
     from dksgraph.train import distributed

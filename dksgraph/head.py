@@ -1,0 +1,109 @@
+"""The head of a branch: a fresh copy of everything the backbone runs after its final feature map.
+
+:func:`build_head` copies the FX nodes between the final feature map f and the logits into a new
+GraphModule, with fresh (re-initialised) copies of their modules; modules whose input channels
+change with the branch's width are rebuilt at the new size (BatchNorm, Linear, LayerNorm, Conv2d).
+For a pre-activation ResNet that is BN-ReLU-pool-flatten-Linear; for torchvision's ResNet,
+pool-flatten-Linear.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, fx, nn
+
+from dksgraph.errors import GraphError
+from dksgraph.graph import Traced
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every resettable parameter and running statistic re-initialised."""
+    clone = copy.deepcopy(module)
+    for m in clone.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+    return clone
+
+
+
+def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
+    """A fresh copy of the backbone's head (everything after the final feature map), resized to ``in_shape``."""
+    graph = traced.graphs[False]
+    by_name = {n.meta["qualname"]: n for n in graph.nodes}
+    head = set(traced.head)
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    values: dict[fx.Node, object] = {}
+    modules: dict[str, nn.Module] = {}
+    final = by_name[traced.final]
+    env[final] = new.placeholder("x")
+    values[final] = torch.zeros((2, *in_shape))
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    for node in graph.nodes:
+        if node.meta["qualname"] not in head:
+            continue
+        if any(src not in env and src.op != "get_attr" for src in node.all_input_nodes):
+            continue  # not fed by the final feature map (e.g. the input's shape); not part of the head
+        for src in node.all_input_nodes:
+            if src not in env:  # a parameter or buffer the head reads directly
+                env[src] = new.get_attr(src.target)
+                values[src] = traced.model.get_parameter(src.target) if _is_param(traced.model, src.target) \
+                    else traced.model.get_buffer(src.target)
+                modules[src.target] = copy.deepcopy(values[src])
+        env[node] = new.node_copy(node, lambda n: env[n])
+        args = fx.map_arg(node.args, lambda n: values[n])
+        kwargs = fx.map_arg(node.kwargs, lambda n: values[n])
+        if node.op == "call_module":
+            original = traced.model.get_submodule(node.target)
+            module = _resized(original, args[0], node.meta["qualname"])
+            modules[node.target] = module
+            with torch.no_grad():
+                module.eval()
+                values[node] = module(*args, **kwargs)
+                module.train()
+        elif node.op == "call_function":
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            with torch.no_grad():
+                values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node is result or (isinstance(result, (tuple, list)) and node is result[0]):
+            new.output(env[node])
+            return fx.GraphModule(modules, new, class_name="Head")
+    raise GraphError("could not isolate the backbone's head after its final feature map; dksgraph needs the "
+                     "classifier to be computed from the final feature map alone.")
+
+
+def _is_param(model: nn.Module, target: str) -> bool:
+    try:
+        model.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _resized(module: nn.Module, x: object, name: str) -> nn.Module:
+    """A fresh copy of a head module, rebuilt where the input's channel count changed."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        return fresh_copy(module)
+    channels = x.shape[1] if not isinstance(module, (nn.Linear, nn.LayerNorm)) else x.shape[-1]
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.num_features != channels:
+        return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, nn.Linear) and module.in_features != channels:
+        return nn.Linear(channels, module.out_features, module.bias is not None)
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape[-1] != channels:
+        clone = copy.deepcopy(module)
+        clone.normalized_shape = (*module.normalized_shape[:-1], channels)
+        if module.elementwise_affine:
+            clone.weight = nn.Parameter(torch.ones(clone.normalized_shape))
+            clone.bias = nn.Parameter(torch.zeros(clone.normalized_shape)) if module.bias is not None else None
+        return clone
+    if isinstance(module, nn.Conv2d) and module.in_channels != channels:
+        if module.groups != 1:
+            raise GraphError(f"the head's grouped convolution `{name}` cannot be resized to {channels} channels.")
+        return nn.Conv2d(channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                         module.dilation, 1, module.bias is not None, module.padding_mode)
+    return fresh_copy(module)

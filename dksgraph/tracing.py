@@ -1,0 +1,137 @@
+"""torch.fx tracing with torchvision-style node names, and shape propagation.
+
+The tracer names nodes like ``torchvision.models.feature_extraction.get_graph_node_names``: a
+module call is named by its path (``layer1.0.conv1``), any other op by its enclosing module's path
+plus the op (``layer1.0.add``), with ``_1``, ``_2``... for repeats. :mod:`dksgraph.graph` builds
+its topology analysis on these.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+from torch import fx, nn
+
+from dksgraph.errors import GraphError
+
+
+class _PathTracer(fx.Tracer):
+    """An FX tracer that records a torchvision-style qualified name for every node."""
+
+    def __init__(self, leaf_modules: list[str]) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.leaf_modules = set(leaf_modules)
+        self._path = ""
+        self.failure_scope: str | None = None
+        self.qualnames: dict[fx.Node, str] = {}
+        self._seen: Counter[str] = Counter()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_modules or type(m).__name__ in self.leaf_modules:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        outer, self._path = self._path, self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_scope is None:
+                self.failure_scope = self._path
+            raise
+        finally:
+            self._path = outer
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "call_module":
+            base = str(target)
+        else:
+            op = re.sub(r"_\d+$", "", node.name)
+            base = f"{self._path}.{op}" if self._path else op
+        count = self._seen[base]
+        self._seen[base] += 1
+        self.qualnames[node] = base if count == 0 else f"{base}_{count}"
+        node.meta["qualname"] = self.qualnames[node]
+        return node
+
+
+def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx.Graph:
+    """Trace ``model`` in train or eval mode; every node gets ``meta["qualname"]``. Modes are restored."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    tracer = _PathTracer(leaf_modules)
+    try:
+        return tracer.trace(model)
+    except Exception as exc:
+        scope = tracer.failure_scope or ""
+        where = f"module `{scope}` ({type(model.get_submodule(scope)).__name__})" if scope else "the top-level forward"
+        leaf = type(model.get_submodule(scope)).__name__ if scope else None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphError(
+            f"torch.fx cannot trace {type(model).__name__}: {where} failed with \"{first}\". FX cannot follow "
+            "Python control flow that depends on tensor values. "
+            + (f"Trace it as one node by adding `{leaf}` (or its path `{scope}`) to `backbone.leaf_modules` "
+               "in the spec, provided it sits inside a block and not on a tap." if leaf else
+               "Add the offending submodule's class name to `backbone.leaf_modules` in the spec.")
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, qual: dict[fx.Node, str]) -> None:
+        super().__init__(gm)
+        self.qual = qual
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[self.qual[n]] = tuple(out.shape[1:])
+        return out
+
+
+def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...]]:
+    """Per-node output shape (without the batch dimension) for one input of ``input_size``, in eval mode."""
+    gm = fx.GraphModule(model, graph)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    recorder = _ShapeRecorder(gm, qual)
+    param = next(model.parameters(), None)
+    x = torch.zeros((1, *input_size), dtype=param.dtype if param is not None else torch.float32,
+                    device=param.device if param is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            recorder.run(x)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0]
+        raise GraphError(
+            f"running {type(model).__name__} at input_size {list(input_size)} failed: {msg}. If the input is too "
+            "small for the network's downsampling, raise `backbone.input_size` (e.g. [3, 224, 224] for ImageNet "
+            "models); otherwise check `backbone.kwargs`."
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return recorder.shapes
+
+
+def check_resolution(model, graph, qual, shapes) -> None:
+    """Refuse an input so small that strided layers run on a 1x1 map (downsampling counts would lie)."""
+    for n in graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        stride = getattr(model.get_submodule(n.target), "stride", 1)
+        stride = max(stride) if isinstance(stride, tuple) else (stride or 1)
+        s_in = shapes.get(qual[n.args[0]], ())
+        if stride > 1 and len(s_in) == 3 and s_in[1] == 1 and s_in[2] == 1:
+            raise GraphError(
+                f"input_size is too small for this network's downsampling: the strided layer `{qual[n]}` "
+                f"receives a 1x1 feature map, so later stages cannot halve it. Raise `backbone.input_size` "
+                "(e.g. [3, 224, 224] for ImageNet models, [3, 32, 32] for the CIFAR zoo)."
+            )
