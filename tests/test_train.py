@@ -148,3 +148,17 @@ def test_warmup_ramps_per_step_and_leaves_the_schedule_alone(tmp_path):
                       on_step=lambda e, s: seen.append(round(trainer.optimizer.param_groups[0]["lr"], 6)))
     trainer.fit()
     assert seen == [0.025, 0.05, 0.075, 0.1, 0.05, 0.05, 0.05, 0.05]
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    trainer = Trainer(parse_spec(TOY), config(tmp_path / "amp", epochs=1, amp="bf16", channels_last=True))
+    history = trainer.fit()
+    assert history[0]["train/total"] == history[0]["train/total"]  # finite, not NaN
+    strip(tmp_path / "amp" / "last.pt")
+
+
+def test_fp16_without_cuda_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(DksError, match="needs a CUDA GPU"):
+        Trainer(parse_spec(TOY), config(tmp_path / "x", amp="fp16", device="cpu"))
