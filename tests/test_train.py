@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def test_warmup_ramps_per_step_and_leaves_the_schedule_alone(tmp_path):
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     trainer = Trainer(parse_spec(TOY), config(tmp_path / "amp", epochs=1, amp="bf16", channels_last=True))
     history = trainer.fit()
-    assert history[0]["train/total"] == history[0]["train/total"]  # finite, not NaN
+    assert math.isfinite(history[0]["train/total"])
     strip(tmp_path / "amp" / "last.pt")
 
 
