@@ -286,7 +286,7 @@ def make_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
         family = family_of(stage)
         if family is None:
             blocks, out = _build_generic(stage, channels, k, w, label)
-            block = stage.blocks[-1].type_name
+            block = "/".join(dict.fromkeys(type(b).__name__ for b in blocks))
         else:
             blocks, out = family.build(stage, channels, k, w)
             block = type(blocks[-1]).__name__

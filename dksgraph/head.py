@@ -90,6 +90,8 @@ def _resized(module: nn.Module, x: object, name: str) -> nn.Module:
     if not isinstance(x, Tensor) or x.dim() < 2:
         return fresh_copy(module)
     channels = x.shape[1] if not isinstance(module, (nn.Linear, nn.LayerNorm)) else x.shape[-1]
+    if isinstance(module, nn.LayerNorm) and x.dim() == 4 and x.shape[-1] != module.normalized_shape[-1]:
+        channels = x.shape[1]  # a channels-first LayerNorm (torchvision's LayerNorm2d)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.num_features != channels:
         return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
     if isinstance(module, nn.Linear) and module.in_features != channels:

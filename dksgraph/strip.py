@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def strip(source: AugmentedModel | str | Path) -> nn.Module:
     """The original network with the trained backbone weights, verified against the augmented model."""
     augmented = source if isinstance(source, AugmentedModel) else load_augmented(source)[0]
     spec = augmented.spec
-    state = {k[len(PREFIX):]: v.clone() for k, v in augmented.state_dict().items() if k.startswith(PREFIX)}
+    state = backbone_state(augmented.state_dict())
     original = _rebuild(spec, state)
     param = next(augmented.parameters(), None)
     if param is not None:
@@ -124,17 +125,32 @@ def _logits(out):
     return main_logits(out)
 
 
+def backbone_state(state: dict) -> OrderedDict:
+    """The ``backbone.*`` entries with the prefix removed, cloned, keeping the per-module version metadata
+    (``_metadata``) that some models' ``_load_from_state_dict`` reads (torchvision's MNASNet)."""
+    out = OrderedDict((k[len(PREFIX):], v.clone()) for k, v in state.items() if k.startswith(PREFIX))
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k[len(PREFIX):] if k != "backbone" else "", v)
+                                    for k, v in metadata.items() if k == "backbone" or k.startswith(PREFIX))
+    return out
+
+
 def _rebuild(spec: Spec, state: dict) -> nn.Module:
     """The spec's network holding ``state``, strictly loaded.
 
     Built on the meta device first (no time spent on a random init that the load overwrites);
     a network with tensors outside its state_dict (non-persistent buffers) is built normally.
     """
-    with torch.device("meta"):
-        shell = build_backbone(spec.backbone)
-    _strict_load(shell, state, "the backbone weights", spec, assign=True)
-    if not any(t.is_meta for t in [*shell.parameters(), *shell.buffers()]):
-        return shell
+    try:
+        with torch.device("meta"):
+            shell = build_backbone(spec.backbone)
+    except (NotImplementedError, RuntimeError):  # a factory that reads tensor values while initialising
+        shell = None
+    if shell is not None:
+        _strict_load(shell, state, "the backbone weights", spec, assign=True)
+        if not any(t.is_meta for t in [*shell.parameters(), *shell.buffers()]):
+            return shell
     original = build_backbone(spec.backbone)
     _strict_load(original, state, "the backbone weights", spec)
     return original

@@ -32,7 +32,7 @@ class _PathTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_modules or type(m).__name__ in self.leaf_modules:
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or _subclasses_a_torch_op(m)
 
     def call_module(self, m, forward, args, kwargs):
         outer, self._path = self._path, self.path_of_module(m)
@@ -57,6 +57,14 @@ class _PathTracer(fx.Tracer):
         self.qualnames[node] = base if count == 0 else f"{base}_{count}"
         node.meta["qualname"] = self.qualnames[node]
         return node
+
+
+def _subclasses_a_torch_op(m: nn.Module) -> bool:
+    """A childless subclass of a built-in layer (torchvision's LayerNorm2d, say) is an op, not a block."""
+    if list(m.children()):
+        return False
+    return any(base.__module__.startswith("torch.nn.modules") and base not in (nn.Module, nn.Sequential,
+               nn.ModuleList, nn.ModuleDict) for base in type(m).__mro__[1:])
 
 
 def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx.Graph:

@@ -89,3 +89,18 @@ def test_torchscript_export_matches(tmp_path):
     original.eval()
     with torch.no_grad():
         assert torch.equal(scripted(x), original(x))
+
+
+@pytest.mark.parametrize("name", ["mnasnet0_5", "regnet_x_400mf", "convnext_tiny", "efficientnet_b0"])
+def test_strip_other_torchvision_families(name):
+    """Regressions: MNASNet reads state_dict version metadata, RegNet cannot be built on the meta
+    device, ConvNeXt's head holds a channels-first LayerNorm subclass."""
+    spec = parse_spec({"backbone": {"model": f"torchvision:{name}", "kwargs": {"num_classes": 10},
+                                    "input_size": [3, 64, 64]}})
+    model = augment(spec)
+    out = model(torch.randn(2, 3, 64, 64))
+    sum(v.mean() for v in out.values()).backward()
+    original = strip(model)
+    stock = getattr(torchvision.models, name)(num_classes=10)
+    stock.load_state_dict(original.state_dict())
+    assert_stripped_equals(model, stock)
