@@ -39,8 +39,8 @@ def cli() -> None:
     """
 
 
-def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None):
-    """A Spec from a YAML path, or a minimal one around a model name."""
+def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None, taps: str | None = None):
+    """A Spec from a YAML path, or a minimal one around a model name (everything else defaulted)."""
     from dksgraph.spec import load_spec, parse_spec
 
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
@@ -52,12 +52,22 @@ def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | No
             updates["kwargs"] = {**spec.backbone.kwargs, "num_classes": num_classes}
         if updates:
             spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update=updates)})
+        if taps:
+            spec = parse_spec({**spec.model_dump(mode="json"), "taps": _taps(taps)}, source=target)
         return spec
     zoo = target.startswith("zoo:")
     backbone = {"model": target, "input_size": list(input_size or ((3, 32, 32) if zoo else (3, 224, 224)))}
     if num_classes:
         backbone["kwargs"] = {"num_classes": num_classes}
-    return parse_spec({"backbone": backbone}, source=target, default_name=target.split(":")[-1])
+    return parse_spec({"backbone": backbone, "taps": _taps(taps or "auto")}, source=target,
+                      default_name=target.split(":")[-1])
+
+
+def _taps(text: str):
+    """`auto`, or a comma-separated list of tap points (each labelled by its name)."""
+    if text.strip() == "auto":
+        return "auto"
+    return [{"at": at.strip()} for at in text.split(",") if at.strip()]
 
 
 _input_size = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
@@ -97,7 +107,12 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False), required=False)
+@click.option("--model", help="Instead of a spec: a model name (e.g. torchvision:convnext_tiny); the rest defaults.")
+@click.option("--taps", "taps_text", metavar="auto|A,B", help="With --model (or to override a spec): `auto` or "
+              "comma-separated tap points.")
+@_input_size
+@_num_classes
 @click.option("--render", "do_render", is_flag=True, help="Draw the augmented graph with graphviz.")
 @click.option("--format", "fmt", type=click.Choice(["svg", "png", "pdf", "dot"]), default="svg", show_default=True,
               help="Picture format for --render.")
@@ -106,16 +121,23 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
               help="Folder for the rendered picture.")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the untrained model as a dksgraph/1 checkpoint.")
 @click.option("--seed", type=int, help="Seed for branch initialisation (default: the spec's train.seed).")
-def augment(spec_path: str, do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None,
-            seed: int | None) -> None:
-    """Trace the spec's backbone, attach its branches and print a summary per classifier."""
+def augment(spec_path: str | None, model: str | None, taps_text: str | None, input_size, num_classes,
+            do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None, seed: int | None) -> None:
+    """Trace the spec's backbone, attach its branches and print a summary per classifier.
+
+    \b
+      dksgraph augment specs/densenet100.yaml --render
+      dksgraph augment --model torchvision:convnext_tiny --taps auto --render
+    """
     import torch
 
     from dksgraph.augment import augment as build
-    from dksgraph.spec import load_spec
     from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows, format_table
 
-    spec = load_spec(spec_path)
+    if (spec_path is None) == (model is None):
+        raise DksError("give either a spec file (`dksgraph augment specs/resnet32.yaml`) or `--model NAME` "
+                       "(`dksgraph augment --model torchvision:resnet50 --taps auto`), not both or neither.")
+    spec = _load(spec_path or model, input_size, num_classes, taps_text)
     torch.manual_seed(spec.train.seed if seed is None else seed)
     model = build(spec)
     rows, footer = classifier_rows(model)

@@ -104,7 +104,7 @@ class Traced:
     def valid_taps(self) -> list[str]:
         """Cut points with a 4-D feature map before f whose branch stages all exist, in graph order."""
         idx = self.index
-        return [q for q in self.cut_points if len(self.shapes.get(q, ())) == 3 and idx[q] < idx[self.final]
+        return [q for q in self.cut_points if len(self.shapes.get(q, ())) in (2, 3) and idx[q] < idx[self.final]
                 and self._stage_problem(q) is None]
 
     def _stage_problem(self, node: str) -> str | None:
@@ -156,9 +156,10 @@ class Traced:
                 f"connection or a parallel path), so a branch there would not see the whole signal. "
                 f"The nearest valid taps are {self._near(idx[node])}."
             )
-        if len(self.shapes.get(node, ())) != 3:
+        if len(self.shapes.get(node, ())) not in (2, 3):
             raise GraphError(
-                f"tap `{at}` outputs shape {self.shapes.get(node)}, not a C x H x W feature map; tap a 4-D node "
+                f"tap `{at}` outputs shape {self.shapes.get(node)}, not a C x H x W feature map or an L x D token "
+                f"sequence; tap a node "
                 f"such as {self._near(idx[node])}."
             )
         problem = self._stage_problem(node)
@@ -167,28 +168,34 @@ class Traced:
         return node
 
     def auto_taps(self) -> list[tuple[str, str, str]]:
-        """(label, node, reason) of DESIGN.md's automatic taps, deep to shallow."""
+        """(label, node, reason) of DESIGN.md's automatic taps, deep to shallow.
+
+        The ends of the two stages before the last downsampling stage; a network whose blocks all
+        sit at one resolution (ViT) is tapped after 2/3 and 1/3 of its blocks instead.
+        """
         df = self.d[self.final]
         chosen = []
-        if df > 0:
-            for label, k in (("c2", df - 1), ("c3", df - 2)):
-                stage = self.stage_at(k)
-                if stage is None:
-                    continue
-                node = stage.end.node
-                try:
-                    self.check_tap(node)
-                except GraphError:
-                    continue
-                reason = f"end of stage `{stage.name}` (count {k}), {df - k} stage(s) before the final feature map"
-                chosen.append((label, node, reason))
-        else:
-            ends = [b.node for b in self.blocks if b.node in set(self.valid_taps())]
-            for label, frac in (("c2", 2 / 3), ("c3", 1 / 3)):
-                if ends:
-                    node = ends[max(0, min(len(ends) - 1, round(len(ends) * frac) - 1))]
-                    if node not in [c[1] for c in chosen]:
-                        chosen.append((label, node, f"block at {frac:.0%} of the blocks (no downsampling)"))
+        for label, k in (("c2", df - 1), ("c3", df - 2)):
+            stage = self.stage_at(k)
+            if stage is None or k < 0:
+                continue
+            node = stage.end.node
+            try:
+                self.check_tap(node)
+            except GraphError:
+                continue
+            reason = f"end of stage `{stage.name}` (count {k}), {df - k} stage(s) before the final feature map"
+            chosen.append((f"c{len(chosen) + 2}", node, reason))
+        if chosen or any(s.d < df for s in self.stages):
+            return chosen
+        valid = set(self.valid_taps())
+        ends = [b.node for b in self.blocks if b.node in valid]
+        for frac in (2 / 3, 1 / 3):
+            if ends:
+                node = ends[max(0, min(len(ends) - 1, round(len(ends) * frac) - 1))]
+                if node not in [c[1] for c in chosen]:
+                    chosen.append((f"c{len(chosen) + 2}", node,
+                                   f"after {frac:.0%} of the blocks (all blocks share one resolution)"))
         return chosen
 
     def _near(self, position: int, before_only: bool = False) -> str:
@@ -209,8 +216,7 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
     qual = {n: n.meta["qualname"] for n in nodes}
     order = [qual[n] for n in nodes]
     shapes = propagate_shapes(model, graph, qual, tuple(input_size))
-    h_in = input_size[1]
-    d = {q: round(math.log2(h_in / s[1])) for q, s in shapes.items() if len(s) == 3 and s[1] > 0}
+    d = _downsampling_counts(order, shapes, input_size[1])
     check_resolution(model, graph, qual, shapes)
     cut_points = _cut_points(graph, qual)
     index = {q: i for i, q in enumerate(order)}
@@ -223,6 +229,19 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
         aliases.setdefault(node, path)
     return Traced(model, tuple(input_size), graphs, order, shapes, d, cut_points, blocks, stages, final, head,
                   aliases, module_end)
+
+
+def _downsampling_counts(order: list[str], shapes: dict, h_in: int) -> dict[str, int]:
+    """d(v) = round(log2(H_in / H_v)) for feature maps; token sequences (L x D) inherit the last map's d."""
+    d: dict[str, int] = {}
+    last = 0
+    for q in order:
+        s = shapes.get(q, ())
+        if len(s) == 3 and s[1] > 0:
+            last = d[q] = round(math.log2(h_in / s[1]))
+        elif len(s) == 2:
+            d[q] = last
+    return d
 
 
 def _cut_points(graph: fx.Graph, qual) -> list[str]:
@@ -268,7 +287,29 @@ def _is_container(m: nn.Module) -> bool:
     return any(len(list(c.children())) > 0 for c in m.children())
 
 
+def _is_flat_stack(m: nn.Module) -> bool:
+    """A plain Sequential of single layers that downsamples (VGG's and AlexNet's ``features``, not a
+    classifier's): its layers act as blocks."""
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and len(m) > 1 and not any(list(c.children()) for c in m.children())
+            and any(_stride(c) > 1 for c in m.children()))
+
+
+def _stride(m: nn.Module) -> int:
+    stride = getattr(m, "stride", 1) or 1
+    return max(stride) if isinstance(stride, tuple) else int(stride)
+
+
 def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:
+    """Building blocks: composite children of stage containers, downsampling layers between them, and
+    the layers of flat conv stacks. A model with no stage container is its own (GoogLeNet, Inception)."""
+    blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=False)
+    if not blocks:
+        blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=True)
+    return blocks
+
+
+def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root) -> list[Block]:
     modules = dict(model.named_modules())
     cut_index = [index[c] for c in cut_points]
     blocks: list[Block] = []
@@ -276,16 +317,22 @@ def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points)
     for path, m in modules.items():
         if not path or path not in module_end or any(path.startswith(b + ".") for b in inside):
             continue
-        parent = modules[path.rpartition(".")[0]]
+        parent_path = path.rpartition(".")[0]
+        parent = modules[parent_path]
         node = module_end[path]
-        if (not list(m.children()) or _is_container(m) or not _is_container(parent)
-                or node not in cuts or len(shapes.get(node, ())) != 3):
+        if node not in cuts or len(shapes.get(node, ())) not in (2, 3):
             continue
         pos = bisect.bisect_left(cut_index, module_first[path]) - 1
-        if pos < 0:
+        if pos < 0 or len(shapes.get(cut_points[pos], ())) not in (2, 3):
             continue
         src = cut_points[pos]
-        if len(shapes.get(src, ())) != 3:
+        composite = bool(list(m.children()))
+        container = _is_container(parent) or (root and parent_path == "")
+        if composite:
+            ok = container and not _is_container(m)
+        else:
+            ok = _is_flat_stack(parent) or (container and d[node] > d[src])
+        if not ok:
             continue
         inside.append(path)
         blocks.append(Block(path, m, node, shapes[src], shapes[node], d[src], d[node]))
@@ -312,13 +359,12 @@ def _final_and_head(graph, qual, cut_points, blocks, shapes, index) -> tuple[str
         return any(q.startswith(b.path + ".") for b in blocks)
 
     collapse = None
-    for q in cut_points:
+    for i, q in enumerate(cut_points):
         s = shapes.get(q, ())
-        if (len(s) != 3 or s[1:] == (1, 1)) and not in_block(q) and any(index[b] < index[q] for b in cut_points):
-            prev = [c for c in cut_points if index[c] < index[q]]
-            if prev and len(shapes.get(prev[-1], ())) == 3:
-                collapse = q
-                break
+        vector = len(s) <= 1 or (len(s) == 3 and s[1:] == (1, 1))
+        if i and vector and not in_block(q) and len(shapes.get(cut_points[i - 1], ())) in (2, 3):
+            collapse = q
+            break
     if collapse is None:
         raise GraphError(
             "found no classifier head: the network's output never collapses a C x H x W feature map "
@@ -326,7 +372,7 @@ def _final_and_head(graph, qual, cut_points, blocks, shapes, index) -> tuple[str
         )
     before = [b.node for b in blocks if index[b.node] < index[collapse]]
     if not before:
-        before = [c for c in cut_points if index[c] < index[collapse] and len(shapes.get(c, ())) == 3]
+        before = [c for c in cut_points if index[c] < index[collapse] and len(shapes.get(c, ())) in (2, 3)]
     final = before[-1]
     head = [qual[n] for n in graph.nodes if index[qual[n]] > index[final] and n.op not in ("output",)]
     return final, head

@@ -38,6 +38,17 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
+def small_input_size(name: str) -> int:
+    """The smallest square input (H = W) at which ``name`` keeps all its downsamplings meaningful:
+    64 for most CNNs, the fixed or minimum size for the families that need one."""
+    model = name.partition(":")[2]
+    if model.startswith("inception"):
+        return 299
+    if model.startswith(("vit_", "swin", "maxvit", "alexnet")):
+        return 224
+    return 32 if name.startswith("zoo:") else 64
+
+
 def build_backbone(backbone) -> nn.Module:
     """Instantiate the network a :class:`~dksgraph.spec.BackboneSpec` names."""
     name, kwargs = backbone.model, dict(backbone.kwargs)
