@@ -83,3 +83,15 @@ def test_bad_taps_exit_2_with_their_message(run, tmp_path, case):
     assert result.exit_code == 2, text
     assert message in text and "Traceback" not in text
     assert list(tmp_path.iterdir()) == [tmp_path / "s.yaml"]  # nothing written
+
+
+def test_augment_with_model_instead_of_spec(run):
+    result = run("augment", "--model", "zoo:resnet32", "--taps", "auto")
+    assert result.exit_code == 0, result.output
+    assert "auto c2: layer2" in result.output and "auto c3: layer1" in result.output
+    result = run("augment", "--model", "torchvision:resnet18", "--taps", "layer2,layer3", "--input-size", 3, 64, 64,
+                 "--num-classes", 7)
+    assert result.exit_code == 0, result.output
+    assert "layer3 (C2)" in result.output and "layer2 (C3)" in result.output
+    neither = run("augment")
+    assert neither.exit_code == 2 and "either a spec file" in " ".join(neither.output.split())
