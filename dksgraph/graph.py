@@ -29,7 +29,7 @@ import networkx as nx
 from torch import fx, nn
 
 from dksgraph.errors import GraphError, close_matches
-from dksgraph.tracing import check_resolution, propagate_shapes, trace_graph
+from dksgraph.tracing import check_resolution, propagate_shapes, stride_of, trace_graph
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -292,12 +292,7 @@ def _is_flat_stack(m: nn.Module) -> bool:
     classifier's): its layers act as blocks."""
     return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
             and len(m) > 1 and not any(list(c.children()) for c in m.children())
-            and any(_stride(c) > 1 for c in m.children()))
-
-
-def _stride(m: nn.Module) -> int:
-    stride = getattr(m, "stride", 1) or 1
-    return max(stride) if isinstance(stride, tuple) else int(stride)
+            and any(stride_of(c) > 1 for c in m.children()))
 
 
 def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dksgraph.augment import AugmentedModel, augment, probe_input
+from dksgraph.augment import AugmentedModel, augment, main_logits, probe_input
 from dksgraph.errors import CheckpointError, DksError
 from dksgraph.models import build_backbone
 from dksgraph.spec import Spec, parse_spec
+from dksgraph.tracing import in_mode
 from dksgraph.train.checkpoint import atomic_save, atomic_write, load_checkpoint
 
 FORMATS = ("state_dict", "torchscript")
@@ -58,17 +59,10 @@ def strip(source: AugmentedModel | str | Path) -> nn.Module:
 
 def verify(augmented: AugmentedModel, original: nn.Module, spec: Spec) -> None:
     """Refuse unless the original network's eval output equals the augmented ``main`` output exactly."""
-    modes = {m: m.training for m in [*augmented.modules(), *original.modules()]}
-    try:
-        augmented.eval()
-        original.eval()
-        x = probe_input(spec, like=original)
-        with torch.no_grad():
-            want = augmented.forward_main(x)
-            got = _logits(original(x))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    x = probe_input(spec, like=original)
+    with torch.no_grad(), in_mode(False, augmented, original):
+        want = augmented.forward_main(x)
+        got = main_logits(original(x))
     if not identical(want, got):
         diff = (want.float() - got.float()).abs().max().item() if want.shape == got.shape else "shape"
         raise DksError(
@@ -90,26 +84,21 @@ def export(original: nn.Module, path: str | Path, spec: Spec, fmt: str = "state_
     if fmt == "state_dict":
         return atomic_save(original.state_dict(), path)
     if fmt == "torchscript":
-        modes = {m: m.training for m in original.modules()}
-        original.eval()
         x = probe_input(spec, like=original)
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the portable format
+        try:  # torch.jit is deprecated upstream but still the portable deployment format
+            with warnings.catch_warnings(), in_mode(False, original):
                 warnings.simplefilter("ignore", FutureWarning)
                 try:
                     program = torch.jit.script(original)
                 except Exception:
                     program = torch.jit.trace(original, x)
-            with torch.no_grad():
-                same = identical(_logits(program(x)), _logits(original(x)))
+                with torch.no_grad():
+                    same = identical(main_logits(program(x)), main_logits(original(x)))
         except Exception as exc:
             raise DksError(
                 f"TorchScript export of `{spec.backbone.model}` failed ({str(exc).splitlines()[0][:200]}); use "
                 "`--format state_dict`, which loads into the model's own class."
             ) from None
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         if not same:
             raise DksError("the TorchScript module's output differs from the network's; nothing was written. "
                            "Use `--format state_dict`.")
@@ -117,12 +106,6 @@ def export(original: nn.Module, path: str | Path, spec: Spec, fmt: str = "state_
             warnings.simplefilter("ignore", FutureWarning)
             return atomic_write(path, lambda f: torch.jit.save(program, f))
     raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
-
-
-def _logits(out):
-    from dksgraph.augment import main_logits
-
-    return main_logits(out)
 
 
 def backbone_state(state: dict) -> OrderedDict:

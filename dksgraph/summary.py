@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dksgraph.augment import AugmentedModel, count_parameters
 from dksgraph.graph import Traced
+from dksgraph.tracing import in_mode
 
 
 def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
@@ -45,14 +46,8 @@ def _is_number(text: str) -> bool:
 
 
 def flops(module: nn.Module, x: torch.Tensor) -> int:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(x)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with torch.no_grad(), in_mode(False, module), FlopCounterMode(display=False) as counter:
+        module(x)
     return int(counter.get_total_flops())
 
 

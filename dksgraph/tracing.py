@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -59,6 +61,25 @@ class _PathTracer(fx.Tracer):
         return node
 
 
+@contextmanager
+def in_mode(training: bool, *modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` in train or eval mode for the block, then restore every submodule's own flag."""
+    modes = {m: m.training for module in modules for m in module.modules()}
+    for module in modules:
+        module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def stride_of(m: nn.Module) -> int:
+    """A layer's largest stride (1 for layers without one)."""
+    stride = getattr(m, "stride", 1) or 1
+    return max(stride) if isinstance(stride, tuple) else int(stride)
+
+
 def _subclasses_a_torch_op(m: nn.Module) -> bool:
     """A childless subclass of a built-in layer (torchvision's LayerNorm2d, say) is an op, not a block."""
     if list(m.children()):
@@ -69,11 +90,10 @@ def _subclasses_a_torch_op(m: nn.Module) -> bool:
 
 def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx.Graph:
     """Trace ``model`` in train or eval mode; every node gets ``meta["qualname"]``. Modes are restored."""
-    modes = {m: m.training for m in model.modules()}
-    model.train(training)
     tracer = _PathTracer(leaf_modules)
     try:
-        return tracer.trace(model)
+        with in_mode(training, model):
+            return tracer.trace(model)
     except Exception as exc:
         scope = tracer.failure_scope or ""
         where = f"module `{scope}` ({type(model.get_submodule(scope)).__name__})" if scope else "the top-level forward"
@@ -86,9 +106,6 @@ def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx
                "in the spec, provided it sits inside a block and not on a tap." if leaf else
                "Add the offending submodule's class name to `backbone.leaf_modules` in the spec.")
         ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -107,14 +124,12 @@ class _ShapeRecorder(fx.Interpreter):
 def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...]]:
     """Per-node output shape (without the batch dimension) for one input of ``input_size``, in eval mode."""
     gm = fx.GraphModule(model, graph)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     recorder = _ShapeRecorder(gm, qual)
     param = next(model.parameters(), None)
     x = torch.zeros((1, *input_size), dtype=param.dtype if param is not None else torch.float32,
                     device=param.device if param is not None else "cpu")
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), in_mode(False, model):
             recorder.run(x)
     except RuntimeError as exc:
         msg = str(exc).splitlines()[0]
@@ -123,9 +138,6 @@ def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...
             "small for the network's downsampling, raise `backbone.input_size` (e.g. [3, 224, 224] for ImageNet "
             "models); otherwise check `backbone.kwargs`."
         ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return recorder.shapes
 
 
@@ -134,8 +146,7 @@ def check_resolution(model, graph, qual, shapes) -> None:
     for n in graph.nodes:
         if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
             continue
-        stride = getattr(model.get_submodule(n.target), "stride", 1)
-        stride = max(stride) if isinstance(stride, tuple) else (stride or 1)
+        stride = stride_of(model.get_submodule(n.target))
         s_in = shapes.get(qual[n.args[0]], ())
         if stride > 1 and len(s_in) == 3 and s_in[1] == 1 and s_in[2] == 1:
             raise GraphError(
