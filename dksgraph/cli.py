@@ -212,6 +212,8 @@ def strip(checkpoint: str, output: str | None, fmt: str) -> None:
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), help="Linear LR warm-up (default: the spec's).")
 @click.option("--seed", type=int, help="Default: the spec's train.seed.")
 @click.option("--train-subset", type=click.IntRange(min=1), help="Train on a fixed random subset of N images.")
+@click.option("--test-subset", type=click.IntRange(min=1),
+              help="Score each epoch on a fixed random subset of N test images (the same for every seed).")
 @click.option("--limit-train-batches", type=click.IntRange(min=1), help="At most N training batches per epoch.")
 @click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches per epoch.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -221,8 +223,7 @@ def strip(checkpoint: str, output: str | None, fmt: str) -> None:
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 4 on CUDA, 0 on CPU).")
 def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_classes, epochs, batch_size, lr,
-          warmup_epochs, seed,
-          train_subset, limit_train_batches, limit_eval_batches, device, amp, channels_last, use_compile,
+          warmup_epochs, seed, train_subset, test_subset, limit_train_batches, limit_eval_batches, device, amp, channels_last, use_compile,
           workers) -> None:
     """Train the spec's backbone with DKS (or DS / the plain baseline) on CPU, a GPU, or DDP via torchrun.
 
@@ -266,7 +267,7 @@ def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_clas
         config = RunConfig(
             method=method, out=out or f"runs/{spec.display_name}-{method}", dataset=dataset or t.dataset,
             data_dir=data_dir or t.data_dir, epochs=epochs or t.epochs, batch_size=batch_size or t.batch_size,
-            seed=t.seed if seed is None else seed, train_subset=train_subset,
+            seed=t.seed if seed is None else seed, train_subset=train_subset, test_subset=test_subset,
             limit_train_batches=limit_train_batches, limit_eval_batches=limit_eval_batches, device=device,
             amp=amp, channels_last=channels_last, compile=use_compile, workers=workers)
         if distributed.from_env().is_main:
@@ -301,8 +302,9 @@ def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_clas
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, device) -> None:
-    """Top-1 / top-5 accuracy of every classifier of a checkpoint, and of their ensemble."""
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the accuracies to this JSON file.")
+def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, device, json_out) -> None:
+    """Top-1 / top-5 accuracy of every classifier of a checkpoint, and of their ensemble, on the whole test set."""
     from dksgraph.spec import parse_spec
     from dksgraph.summary import format_table
     from dksgraph.train.checkpoint import load_checkpoint
@@ -315,6 +317,7 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     config.dataset = dataset or config.dataset
     config.data_dir = data_dir or config.data_dir
     config.batch_size, config.device, config.compile = batch_size, device, False
+    config.test_subset = None
     trainer = Trainer(spec, config)
     from dksgraph.strip import load_augmented_state
 
@@ -327,6 +330,13 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
                f"{config.dataset} test set ({len(trainer.data.test)} images"
                f"{f', first {limit_eval_batches} batches' if limit_eval_batches else ''}):")
     click.echo(format_table(rows, ["classifier", "top-1 %", "top-5 %"]))
+    if json_out:
+        from dksgraph.train.checkpoint import atomic_write
+
+        record.update({"epoch": ckpt.get("epoch"), "images": len(trainer.data.test), "dataset": config.dataset,
+                       "limit_eval_batches": limit_eval_batches})
+        atomic_write(json_out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+        click.echo(f"wrote {json_out}")
 
 
 @cli.command()

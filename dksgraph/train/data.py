@@ -75,8 +75,12 @@ class Data:
 
 
 def build_datasets(name: str, data_dir: str, augmentation: str, input_size, num_classes: int,
-                   train_subset: int | None = None, seed: int = 0) -> Data:
-    """The train and test datasets a run uses (``train_subset`` keeps a fixed random subset)."""
+                   train_subset: int | None = None, seed: int = 0, test_subset: int | None = None) -> Data:
+    """The train and test datasets a run uses.
+
+    ``train_subset`` keeps a random subset drawn with the run's seed; ``test_subset`` keeps one drawn
+    with seed 0 whatever the run's seed, so that every run of a comparison is scored on the same images.
+    """
     if name == "synthetic":
         data = Data(SyntheticImages(1024, num_classes, input_size, seed),
                     SyntheticImages(256, num_classes, input_size, seed + 1), num_classes)
@@ -92,6 +96,9 @@ def build_datasets(name: str, data_dir: str, augmentation: str, input_size, num_
     if train_subset is not None and train_subset < len(data.train):
         keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         data.train = Subset(data.train, sorted(keep.tolist()))
+    if test_subset is not None and test_subset < len(data.test):
+        keep = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))[:test_subset]
+        data.test = Subset(data.test, sorted(keep.tolist()))
     return data
 
 

@@ -46,6 +46,7 @@ class RunConfig:
     batch_size: int = 64
     seed: int = 0
     train_subset: int | None = None
+    test_subset: int | None = None
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     device: str = "auto"
@@ -123,7 +124,8 @@ class Trainer:
         self.net = torch.compile(net) if config.compile else net
         num_classes = int(self.spec.backbone.kwargs.get("num_classes", 1000))
         self.data = build_datasets(config.dataset, config.data_dir, self.spec.train.augmentation,
-                                   self.spec.backbone.input_size, num_classes, config.train_subset, config.seed)
+                                   self.spec.backbone.input_size, num_classes, config.train_subset, config.seed,
+                                   config.test_subset)
         self.epoch, self.best, self.history = 0, -1.0, []
         if resume is not None:
             self._restore(resume)

@@ -1,0 +1,279 @@
+"""Experiment grids: specs x methods x seeds x variants, each run a normal `dksgraph train` run folder.
+
+A grid file (``specs/grids/*.yaml``) names spec files (relative to the grid file), the methods, the
+seeds, optional *variants* (a subset of the spec's taps, another pair set) and training overrides.
+:func:`plan` expands it into :class:`Run` s; :func:`execute` trains the runs that are not finished
+(resuming any interrupted one from its ``last.pt``) and scores each on the whole test set with
+``dksgraph eval --json`` into ``final.json``. ``tools/reproduce.py`` is the command line for both.
+
+Example::
+
+    >>> grid = Grid(name="toy", specs=["../resnet32.yaml"], seeds=[0, 1])
+    >>> [v.name for v in grid.variants], grid.methods
+    ([''], ['baseline', 'ds', 'dks'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError
+
+from dksgraph.errors import DksError, SpecError
+from dksgraph.spec import PairSet, _Strict, parse_spec
+
+Method = Literal["baseline", "ds", "dks"]
+
+
+class GridTrain(_Strict):
+    """Overrides of every run's training settings; unset fields keep each spec's own recipe."""
+
+    dataset: Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"] | None = None
+    data_dir: str | None = Field(None, description="Relative to the directory tools/reproduce.py runs in.")
+    num_classes: PositiveInt | None = None
+    epochs: PositiveInt | None = Field(None, description="LR milestones are scaled by epochs / the spec's epochs.")
+    batch_size: PositiveInt | None = None
+    lr: float | None = None
+    warmup_epochs: float | None = None
+    train_subset: PositiveInt | None = None
+    test_subset: PositiveInt | None = Field(None, description="Per-epoch scoring only; final.json uses every image.")
+    limit_train_batches: PositiveInt | None = None
+    amp: Literal["none", "bf16", "fp16"] | None = None
+    channels_last: bool = False
+    workers: int | None = None
+
+
+class Variant(_Strict):
+    """A change to the spec's auxiliary classifiers (baseline runs, which have none, ignore it)."""
+
+    name: str = Field(description="Short label used in run folder names and tables, e.g. C1C3.")
+    taps: list[str] | None = Field(None, description="Keep only these taps (by name), in the spec's order.")
+    pairs: PairSet | list[tuple[str, str]] | None = Field(None, description="Replace synergy.pairs.")
+
+
+class Grid(_Strict):
+    name: str
+    description: str = ""
+    cost: str = Field("", description="What a full run of the grid costs, for the README and the report.")
+    specs: list[str] = Field(min_length=1, description="Spec files, relative to the grid file.")
+    methods: list[Method] = Field(default_factory=lambda: ["baseline", "ds", "dks"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    variants: list[Variant] = Field(default_factory=lambda: [Variant(name="")], min_length=1)
+    train: GridTrain = Field(default_factory=GridTrain)
+
+
+@dataclass
+class Run:
+    spec_file: Path
+    spec_name: str
+    variant: str
+    method: str
+    seed: int
+    folder: Path
+    spec: dict[str, Any]
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    @property
+    def epochs(self) -> int:
+        return int(self.spec["train"]["epochs"])
+
+    def settings(self) -> dict[str, Any]:
+        return {"spec": self.spec, "method": self.method, "seed": self.seed, "args": self.args}
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise DksError(f"grid file `{path}` does not exist; the grids of the paper are in specs/grids/.")
+    try:
+        return Grid.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise SpecError(f"`{path}` is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"grid file `{path}` is invalid: {problems}. Its fields are: "
+                        f"{', '.join(Grid.model_fields)}; see specs/grids/ for examples.") from None
+
+
+def apply_overrides(grid: Grid, **overrides: Any) -> Grid:
+    """The grid with command-line budget overrides (``epochs``, ``train_subset``, ...) set where not None."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return grid.model_copy(update={"train": grid.train.model_copy(update=given)}) if given else grid
+
+
+def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source: str) -> dict[str, Any]:
+    """The spec dictionary of one run: the spec file with the variant and the grid's overrides applied."""
+    spec = json.loads(json.dumps(base))  # deep copy that also turns tuples into lists
+    if variant.taps is not None:
+        taps = spec.get("taps")
+        if not isinstance(taps, list):
+            raise DksError(f"variant `{variant.name}` picks taps by name but `{source}` has `taps: {taps}`; "
+                           "list the taps in the spec to select among them.")
+        names = [t.get("name") or t["at"] for t in taps]
+        unknown = [t for t in variant.taps if t not in names]
+        if unknown:
+            raise DksError(f"variant `{variant.name}` names taps {unknown} that `{source}` does not have; its taps "
+                           f"are {names}.")
+        spec["taps"] = [t for t, n in zip(taps, names) if n in variant.taps]
+    if variant.pairs is not None:
+        pairs = variant.pairs if isinstance(variant.pairs, str) else [list(p) for p in variant.pairs]
+        spec.setdefault("synergy", {})["pairs"] = pairs
+    if train.num_classes is not None:
+        spec["backbone"].setdefault("kwargs", {})["num_classes"] = train.num_classes
+    t = spec.setdefault("train", {})
+    for key in ("dataset", "data_dir", "batch_size"):
+        if getattr(train, key) is not None:
+            t[key] = getattr(train, key)
+    if train.lr is not None:
+        t.setdefault("optimizer", {})["lr"] = train.lr
+    schedule = t.setdefault("schedule", {})
+    if train.warmup_epochs is not None:
+        schedule["warmup_epochs"] = train.warmup_epochs
+    parsed = parse_spec(spec, source=source)  # fills defaults, so epochs and milestones are known
+    t["epochs"] = parsed.train.epochs
+    if train.epochs is not None and train.epochs != parsed.train.epochs:
+        scale = train.epochs / parsed.train.epochs
+        s = parsed.train.schedule
+        schedule["milestones"] = sorted({max(1, round(m * scale)) for m in s.milestones})
+        if s.step_size is not None:
+            schedule["step_size"] = max(1, round(s.step_size * scale))
+        t["epochs"] = train.epochs
+    parse_spec(spec, source=source)
+    return spec
+
+
+def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
+    """Every run of the grid; baseline runs (no taps) are shared by all variants."""
+    runs: list[Run] = []
+    root = Path(grid_path).parent
+    for spec_rel in grid.specs:
+        spec_file = (root / spec_rel).resolve()
+        if not spec_file.is_file():
+            raise DksError(f"grid `{grid.name}` names spec `{spec_rel}`, which is not at `{spec_file}`; spec paths "
+                           "are relative to the grid file.")
+        base = yaml.safe_load(spec_file.read_text()) or {}
+        name = base.get("name") or spec_file.stem
+        for method in grid.methods:
+            variants = [Variant(name="")] if method == "baseline" else grid.variants
+            for variant in variants:
+                spec = derive_spec(base, variant, grid.train, f"{spec_file} (variant `{variant.name}`)")
+                for seed in grid.seeds:
+                    label = "-".join(p for p in (name, variant.name, method, f"s{seed}") if p)
+                    runs.append(Run(spec_file, name, variant.name, method, seed, Path(runs_dir) / label, spec,
+                                    _config_args(grid.train, seed, method)))
+    return runs
+
+
+def _config_args(train: GridTrain, seed: int, method: str) -> list[str]:
+    args = ["--method", method, "--seed", str(seed)]
+    for key in ("train_subset", "test_subset", "limit_train_batches", "amp", "workers"):
+        if getattr(train, key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(getattr(train, key))]
+    if train.channels_last:
+        args.append("--channels-last")
+    return args
+
+
+def status(run: Run) -> str:
+    """``done`` (trained and scored), ``eval`` (trained), ``resume`` (has a last.pt) or ``new``."""
+    saved = run.folder / "run.json"
+    if saved.is_file() and json.loads(saved.read_text()) != run.settings():
+        raise DksError(f"`{run.folder}` holds a run with other settings than the grid now asks for (spec, method, "
+                       "seed or budget changed). Delete that folder to rerun it, or pass another `--runs-dir`.")
+    epochs = _epochs_done(run.folder)
+    if epochs >= run.epochs:
+        return "done" if (run.folder / "final.json").is_file() else "eval"
+    return "resume" if (run.folder / "last.pt").is_file() else "new"
+
+
+def _epochs_done(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    if not path.is_file() or not (folder / "last.pt").is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["epoch"]) if lines else 0
+
+
+def commands(run: Run, state: str, device: str) -> list[list[str]]:
+    """The `dksgraph` command lines that bring a run from ``state`` to done."""
+    dks = [sys.executable, "-m", "dksgraph"]
+    out: list[list[str]] = []
+    if state == "new":
+        out.append([*dks, "train", str(run.folder / "spec.yaml"), *run.args, "--device", device,
+                    "--out", str(run.folder), "--overwrite"])
+    elif state == "resume":
+        out.append([*dks, "train", "--resume", str(run.folder / "last.pt"), "--epochs", str(run.epochs)])
+    if state != "done":
+        out.append([*dks, "eval", str(run.folder / "last.pt"), "--json", str(run.folder / "final.json"),
+                    "--device", device])
+    return out
+
+
+def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
+            on_event: Callable[[Run, str, str], None] | None = None) -> dict[str, str]:
+    """Bring every run to ``done``; ``jobs`` at a time on CPU, or one per GPU of ``gpus`` at a time.
+
+    Each run's output goes to ``train.log`` in its folder. Returns the failed runs' ids and the last
+    lines of their logs; the other runs go on when one fails.
+    """
+    slots: queue.Queue = queue.Queue()
+    for slot in (gpus if gpus else range(jobs)):
+        slots.put(slot)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if not gpus else None
+    failures: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def work(run: Run, state: str) -> None:
+        slot = slots.get()
+        try:
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            elif jobs > 1:
+                env["OMP_NUM_THREADS"] = str(threads)
+            run.folder.mkdir(parents=True, exist_ok=True)
+            if state == "new":
+                (run.folder / "spec.yaml").write_text(yaml.safe_dump(run.spec, sort_keys=False))
+                (run.folder / "run.json").write_text(json.dumps(run.settings(), indent=1) + "\n")
+            start = time.perf_counter()
+            if on_event:
+                on_event(run, "start", f"{state} on {'cuda:' + str(slot) if gpus else 'cpu'}")
+            for cmd in commands(run, state, "cuda" if gpus else "cpu"):
+                with open(run.folder / "train.log", "a") as log:
+                    log.write(f"$ {' '.join(cmd)}\n")
+                    log.flush()
+                    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                if code != 0:
+                    tail = (run.folder / "train.log").read_text().splitlines()[-8:]
+                    with lock:
+                        failures[run.id] = "\n".join(tail)
+                    if on_event:
+                        on_event(run, "failed", f"exit {code}, see {run.folder / 'train.log'}")
+                    return
+            if on_event:
+                on_event(run, "done", f"{(time.perf_counter() - start) / 60:.1f} min")
+        finally:
+            slots.put(slot)
+
+    todo = [(r, status(r)) for r in runs]
+    todo = [(r, s) for r, s in todo if s != "done"]
+    with ThreadPoolExecutor(max_workers=len(gpus) if gpus else jobs) as pool:
+        for future in [pool.submit(work, r, s) for r, s in todo]:
+            future.result()
+    return failures

@@ -1,0 +1,206 @@
+"""A grid's results in the paper's format: markdown tables and train/test error curves.
+
+Error and accuracy figures are the *last* epoch's (never the best one, which would select on the
+test set), scored on the whole test set by ``final.json`` when a run has one. Spreads are the
+sample standard deviation over seeds, written ``mean(std)`` as in the paper's tables.
+
+Example::
+
+    >>> mean_std([7.5, 7.7]), mean_std([7.5])
+    ('7.60(0.14)', '7.50')
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from dksgraph.grid import Run
+
+METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dks": "DKS"}
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean(std)`` with the sample standard deviation; just the mean for a single value."""
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f}({statistics.stdev(values):.{digits}f})"
+
+
+@dataclass
+class Result:
+    run: Run
+    history: list[dict]
+    final: dict
+
+    @property
+    def scored_on(self) -> str:
+        return f"{self.final['images']} test images" if "images" in self.final else "the per-epoch test subset"
+
+    def acc(self, classifier: str) -> float | None:
+        return self.final.get(f"test/acc1/{classifier}")
+
+    @property
+    def classifiers(self) -> list[str]:
+        return [k.split("/")[-1] for k in self.final if k.startswith("test/acc1/")]
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(r.get("train/seconds", 0.0) for r in self.history)
+
+
+def load_results(runs: list[Run]) -> list[Result]:
+    """Every finished run's history and final scores (runs still training are left out)."""
+    results = []
+    for run in runs:
+        path = run.folder / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not history or history[-1]["epoch"] < run.epochs:
+            continue
+        final_path = run.folder / "final.json"
+        final = json.loads(final_path.read_text()) if final_path.is_file() else history[-1]
+        results.append(Result(run, history, final))
+    return results
+
+
+def _groups(results: list[Result]) -> dict[tuple[str, str], dict[str, list[Result]]]:
+    """(spec, variant) -> method -> results over seeds; baselines are shared by every variant."""
+    variants: dict[str, list[str]] = defaultdict(list)
+    for r in results:
+        if r.run.method != "baseline" and r.run.variant not in variants[r.run.spec_name]:
+            variants[r.run.spec_name].append(r.run.variant)
+    groups: dict[tuple[str, str], dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        for variant in ([r.run.variant] if r.run.method != "baseline" else variants[r.run.spec_name] or [""]):
+            groups[(r.run.spec_name, variant)][r.run.method].append(r)
+    return groups
+
+
+def _label(spec: str, variant: str) -> str:
+    return f"{spec} {variant}".strip()
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def error_table(results: list[Result], methods: list[str]) -> str:
+    """Paper Table 1 / 2: top-1 error of the main classifier, mean(std) over seeds, and gain vs baseline."""
+    headers = ["model", *(f"{METHOD_NAMES[m]} error %" for m in methods)]
+    others = [m for m in methods if m != "baseline"]
+    if "baseline" in methods:
+        headers += [f"{METHOD_NAMES[m]} gain" for m in others]
+    rows = []
+    for (spec, variant), by_method in _groups(results).items():
+        errors = {m: [100.0 - r.acc("main") for r in by_method.get(m, [])] for m in methods}
+        row = [_label(spec, variant), *(mean_std(errors[m]) for m in methods)]
+        if "baseline" in methods:
+            for m in others:
+                ok = errors["baseline"] and errors[m]
+                row.append(f"{statistics.fmean(errors['baseline']) - statistics.fmean(errors[m]):+.2f}" if ok else "–")
+        rows.append(row)
+    return _table(headers, rows)
+
+
+def classifier_table(results: list[Result]) -> str:
+    """Paper Table 5: top-1 accuracy of every classifier and of the ensemble, mean(std) over seeds."""
+    rows = []
+    for (spec, variant), by_method in _groups(results).items():
+        for method, group in by_method.items():
+            if method == "baseline":
+                continue
+            names = group[0].classifiers
+            cells = [f"{n}: {mean_std([r.acc(n) for r in group if r.acc(n) is not None])}" for n in names]
+            rows.append([_label(spec, variant), METHOD_NAMES[method], str(len(group)), ", ".join(cells)])
+    return _table(["model", "method", "seeds", "top-1 accuracy % per classifier"], rows)
+
+
+def time_table(results: list[Result]) -> str:
+    """Paper Sec. 4.4: training wall time (excluding evaluation) and its ratio to the baseline's."""
+    rows = []
+    for (spec, variant), by_method in _groups(results).items():
+        base = [r.train_seconds for r in by_method.get("baseline", [])]
+        for method, group in by_method.items():
+            seconds = [r.train_seconds for r in group]
+            ratio = f"{statistics.fmean(seconds) / statistics.fmean(base):.2f}" if base else "–"
+            per_epoch = [s / max(1, len(r.history)) for s, r in zip(seconds, group)]
+            rows.append([_label(spec, variant), METHOD_NAMES[method], mean_std([s / 60 for s in seconds], 1),
+                         mean_std(per_epoch, 1), ratio])
+    return _table(["model", "method", "train minutes", "s / epoch", "time vs baseline"], rows)
+
+
+def run_table(results: list[Result]) -> str:
+    rows = [[r.run.id, str(len(r.history)), f"{r.acc('main'):.2f}", f"{r.history[-1].get('train/acc1/main', 0):.2f}",
+             f"{r.train_seconds / 60:.1f}", r.scored_on] for r in results]
+    return _table(["run", "epochs", "test top-1 % (main)", "train top-1 % (main)", "train minutes", "scored on"],
+                  rows)
+
+
+def curves(results: list[Result]) -> dict[tuple[str, str], dict[str, dict[str, list[float]]]]:
+    """(spec, variant) -> method -> {"epoch", "train", "test"}: main-classifier error per epoch, mean over seeds."""
+    out: dict = {}
+    for key, by_method in _groups(results).items():
+        out[key] = {}
+        for method, group in by_method.items():
+            epochs = min(len(r.history) for r in group)
+            train = [statistics.fmean(100 - r.history[e]["train/acc1/main"] for r in group) for e in range(epochs)]
+            test = [statistics.fmean(100 - r.history[e]["test/acc1/main"] for r in group) for e in range(epochs)]
+            out[key][method] = {"epoch": list(range(1, epochs + 1)), "train": train, "test": test}
+    return out
+
+
+def plot_curves(results: list[Result], out_dir: Path) -> list[Path]:
+    """Paper Fig. 3: train and test error of the main classifier per epoch, one PNG and one SVG per model.
+
+    Needs matplotlib (the ``plots`` extra); without it, returns nothing and writes no picture.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for (spec, variant), by_method in curves(results).items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+        for method, c in by_method.items():
+            for ax, split in zip(axes, ("train", "test")):
+                ax.plot(c["epoch"], c[split], label=METHOD_NAMES[method])
+        for ax, split in zip(axes, ("train", "test")):
+            ax.set_title(f"{_label(spec, variant)}: {split} error (main classifier)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("top-1 error %")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        stem = "curves_" + "_".join(p for p in (spec, variant) if p)
+        for ext in ("png", "svg"):
+            path = out_dir / f"{stem}.{ext}"
+            fig.savefig(path, dpi=120)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def markdown(title: str, preamble: str, results: list[Result], methods: list[str], pictures: list[Path]) -> str:
+    """The whole report: the tables above, the curve pictures, and every run."""
+    parts = [f"# {title}", preamble.strip(),
+             "## Top-1 error of the main classifier (last epoch)", error_table(results, methods),
+             "Gain: baseline error minus the method's error (positive: better than the baseline).",
+             "## Every classifier and their ensemble (last epoch)", classifier_table(results),
+             "## Training time", time_table(results)]
+    pngs = [p for p in pictures if p.suffix == ".png"]
+    if pngs:
+        parts += ["## Error curves (mean over seeds)", *(f"![{p.stem}]({p.name})" for p in pngs)]
+    parts += ["## Runs", run_table(results)]
+    return "\n\n".join(p for p in parts if p) + "\n"

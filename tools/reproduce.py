@@ -1,0 +1,137 @@
+"""Run an experiment grid and write its results in the paper's format.
+
+    python tools/reproduce.py specs/grids/cpu_cifar10.yaml                 # CPU, one run after another
+    python tools/reproduce.py specs/grids/table1_cifar100.yaml --gpus 0,1,2,3
+    python tools/reproduce.py specs/grids/table4_taps_resnet18.yaml --epochs 30 --train-subset 50000
+    python tools/reproduce.py specs/grids/cpu_cifar10.yaml --dry-run       # what would run, what is done
+
+Every run is a normal `dksgraph train` run folder under --runs-dir. Invoking the command again skips
+finished runs and resumes interrupted ones from their last.pt. The report (report.md, curves_*.png/svg)
+goes to --report-dir (default: the runs folder).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dksgraph import grid as grid_lib  # noqa: E402
+from dksgraph import report  # noqa: E402
+from dksgraph.errors import DksError  # noqa: E402
+from dksgraph.train.checkpoint import atomic_write  # noqa: E402
+
+
+def _machine(gpus: list[int] | None) -> str:
+    import torch
+
+    if gpus and torch.cuda.is_available():
+        device = f"{len(gpus)} x {torch.cuda.get_device_name(gpus[0])}"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{device}; Python {platform.python_version()}, torch {torch.__version__}, {platform.system()}"
+
+
+def _parse_gpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise DksError(f"`--gpus {text}` must be comma-separated GPU indices, e.g. `--gpus 0,1,2,3`.") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("grid_file", metavar="GRID.yaml", type=click.Path(dir_okay=False))
+@click.option("--runs-dir", type=click.Path(file_okay=False), help="Where the run folders go (default: runs/grids/NAME).")
+@click.option("--report-dir", type=click.Path(file_okay=False), help="Where report.md and curves go (default: --runs-dir).")
+@click.option("--gpus", help="Comma-separated CUDA devices; one run per GPU at a time.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at a time on CPU (CPU threads are split between them).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override every run's epochs (LR milestones scale along).")
+@click.option("--train-subset", type=click.IntRange(min=1), help="Train every run on a fixed random subset of N images.")
+@click.option("--test-subset", type=click.IntRange(min=1), help="Score each epoch on N fixed test images.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override every run's global batch size.")
+@click.option("--data-dir", type=click.Path(), help="Override every run's data folder.")
+@click.option("--dry-run", is_flag=True, help="List the runs and their state; train nothing.")
+@click.option("--report-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
+def main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
+         dry_run, report_only) -> None:
+    """Train every run of GRID.yaml that is not finished, then write the markdown report and the curves."""
+    try:
+        _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
+              dry_run, report_only)
+    except DksError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
+          dry_run, report_only) -> None:
+    gpu_list = _parse_gpus(gpus)
+    grid = grid_lib.apply_overrides(grid_lib.load_grid(grid_file), epochs=epochs, train_subset=train_subset,
+                                    test_subset=test_subset, batch_size=batch_size, data_dir=data_dir)
+    runs_dir = Path(runs_dir or f"runs/grids/{grid.name}")
+    runs = grid_lib.plan(grid, grid_file, runs_dir)
+    states = {r.id: grid_lib.status(r) for r in runs}
+    counts = {s: sum(1 for v in states.values() if v == s) for s in ("done", "eval", "resume", "new")}
+    click.echo(f"grid {grid.name}: {len(runs)} runs in {runs_dir} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    if dry_run:
+        for r in runs:
+            click.echo(f"  {states[r.id]:<6} {r.id}")
+        return
+    if not report_only and counts["done"] < len(runs):
+        data = grid.train.data_dir
+        if grid.train.dataset == "imagefolder" and data and not (Path(data) / "train").is_dir():
+            raise DksError(f"the grid trains on `{data}`, which has no train/ folder. For the shared CIFAR-10: "
+                           f"`mkdir -p {data} && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C {data}` "
+                           "(or `make data/cifar10`), or pass `--data-dir`.")
+        bar = tqdm(total=len(runs), initial=counts["done"], desc=grid.name, unit="run", dynamic_ncols=True)
+
+        def event(run, what, detail):
+            tqdm.write(f"{datetime.datetime.now():%H:%M} {what:<6} {run.id} ({detail})")
+            if what in ("done", "failed"):
+                bar.update(1)
+
+        failures = grid_lib.execute(runs, gpu_list, jobs, event)
+        bar.close()
+        if failures:
+            for rid, tail in failures.items():
+                click.echo(f"\n{rid} failed; the end of its log:\n{tail}", err=True)
+            click.echo(f"\n{len(failures)} run(s) failed; fix the cause and run the same command again (finished "
+                       "runs are kept).", err=True)
+            raise SystemExit(1)
+    results = report.load_results(runs)
+    out = Path(report_dir) if report_dir else runs_dir
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = report.plot_curves(results, out)
+    command = "python " + " ".join(shlex.quote(a) for a in ["tools/reproduce.py", *sys.argv[1:]])
+    t = grid.train
+    preamble = "\n".join([
+        grid.description.strip(), "",
+        f"- command: `{command}`",
+        f"- machine: {_machine(gpu_list)}",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- runs: {len(results)} of {len(runs)} finished ({len(grid.seeds)} seeds: {grid.seeds})",
+        f"- overrides: {', '.join(f'{k}={v}' for k, v in t.model_dump(exclude_defaults=True).items()) or 'none'}",
+        "- every figure is the last epoch's; final scores use the whole test set (`dksgraph eval`), per-epoch "
+        "curves use the per-epoch test subset when one is set",
+    ])
+    if not pictures and results:
+        preamble += "\n- curves: install matplotlib (`pip install -e .[plots]`) and run again with `--report-only`"
+    text = report.markdown(f"Grid `{grid.name}`", preamble, results, grid.methods, pictures)
+    path = atomic_write(out / "report.md", lambda f: f.write(text.encode()))
+    click.echo(text)
+    click.echo(f"wrote {path}" + (f" and {len(pictures)} curve files" if pictures else ""))
+
+
+if __name__ == "__main__":
+    main()
