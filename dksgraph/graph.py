@@ -297,11 +297,24 @@ def _is_flat_stack(m: nn.Module) -> bool:
 
 def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:
     """Building blocks: composite children of stage containers, downsampling layers between them, and
-    the layers of flat conv stacks. A model with no stage container is its own (GoogLeNet, Inception)."""
+    the layers of flat conv stacks. A model with no stage container is its own (GoogLeNet, Inception);
+    composite children of the model after its last stage container are blocks as well."""
     blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=False)
+    as_root = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=True)
     if not blocks:
-        blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=True)
-    return blocks
+        return as_root
+    # the network's own downsampling children after its last stage container are blocks too (DLA's
+    # level2..level5)
+    last = index[blocks[-1].node]
+    return blocks + [b for b in as_root if "." not in b.path and module_first[b.path] > last and b.d > b.d_in
+                     and b.out_shape[1:] != (1, 1)]  # SqueezeNet's classifier ends in a global pool
+
+
+def _global_pool(m: nn.Module, shape: tuple[int, ...]) -> bool:
+    """A parameter-free composite module that leaves a 1x1 map (timm's SelectAdaptivePool2d) pools
+    globally: it belongs to the head, not a stage."""
+    return (len(shape) == 3 and shape[1:] == (1, 1) and next(m.children(), None) is not None
+            and next(m.parameters(), None) is None)
 
 
 def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root) -> list[Block]:
@@ -315,7 +328,7 @@ def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_po
         parent_path = path.rpartition(".")[0]
         parent = modules[parent_path]
         node = module_end[path]
-        if node not in cuts or len(shapes.get(node, ())) not in (2, 3):
+        if node not in cuts or len(shapes.get(node, ())) not in (2, 3) or _global_pool(m, shapes[node]):
             continue
         pos = bisect.bisect_left(cut_index, module_first[path]) - 1
         if pos < 0 or len(shapes.get(cut_points[pos], ())) not in (2, 3):

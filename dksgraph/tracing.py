@@ -4,12 +4,17 @@ The tracer names nodes like ``torchvision.models.feature_extraction.get_graph_no
 module call is named by its path (``layer1.0.conv1``), any other op by its enclosing module's path
 plus the op (``layer1.0.add``), with ``_1``, ``_2``... for repeats. :mod:`dksgraph.graph` builds
 its topology analysis on these.
+
+When timm is loaded, the modules and functions timm registers as not traceable
+(``timm.layers.get_notrace_modules`` / ``get_notrace_functions``) are traced as single nodes, so
+that the models timm's own FX feature extraction handles trace here too.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +29,9 @@ class _PathTracer(fx.Tracer):
     """An FX tracer that records a torchvision-style qualified name for every node."""
 
     def __init__(self, leaf_modules: list[str]) -> None:
-        super().__init__(autowrap_modules=(math,))
+        leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_modules=(math,), autowrap_functions=functions)
+        self.leaf_types = leaf_types
         self.leaf_modules = set(leaf_modules)
         self._path = ""
         self.failure_scope: str | None = None
@@ -33,6 +40,8 @@ class _PathTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_modules or type(m).__name__ in self.leaf_modules:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name) or _subclasses_a_torch_op(m)
 
@@ -78,6 +87,17 @@ def stride_of(m: nn.Module) -> int:
     """A layer's largest stride (1 for layers without one)."""
     stride = getattr(m, "stride", 1) or 1
     return max(stride) if isinstance(stride, tuple) else int(stride)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """timm's registered leaf modules and autowrapped functions, if timm has been imported."""
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # a timm too old to have them
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
 
 
 def _subclasses_a_torch_op(m: nn.Module) -> bool:

@@ -30,13 +30,14 @@ def test_the_zoo_is_what_we_think():
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in HEAVY])
 def test_torchvision_model(name):
-    check(name)
+    check(f"torchvision:{name}", taps=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HEAVY))
 def test_heavy_torchvision_model(name):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "zoo_check.py"), name], env=env,
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "zoo_check.py"),
+                           f"torchvision:{name}", "2"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,8 @@
-"""Coverage report: every torchvision classification model augmented with `taps: auto` and stripped.
+"""Coverage report: classification models augmented with `taps: auto` and stripped.
 
-    python tools/zoo_report.py --out docs/zoo.md            # all of torchvision.models.list_models()
-    python tools/zoo_report.py resnet18 vit_b_16           # a few, printed
+    python tools/zoo_report.py --out docs/zoo.md              # all of torchvision.models.list_models()
+    python tools/zoo_report.py --timm --out docs/zoo_timm.md  # TIMM_SAMPLE: 72 timm models, every family
+    python tools/zoo_report.py resnet18 timm:dla34            # a few, printed
 
 Per model: the input size used (the smallest the family allows), the auto taps, the branch stages,
 parameters and MFLOPs (one image) of backbone and branches, seconds to augment, and whether strip
@@ -29,13 +30,29 @@ from dksgraph.strip import strip
 from dksgraph.summary import flops
 
 
-def report(name: str) -> dict:
-    size = small_input_size(f"torchvision:{name}")
+# A broad sample of timm (ImageNet classification) models: one or more per family, at most ~30M parameters.
+TIMM_SAMPLE = """
+resnet18 resnet50d resnet26t seresnet18 ecaresnet26t skresnet18 res2net50_14w_8s resnest14d resnext26ts
+wide_resnet50_2 regnetx_002 regnety_002 regnetz_b16 efficientnet_b0 efficientnet_lite0 tf_efficientnetv2_b0
+mobilenetv2_050 mobilenetv3_small_050 mobilenetv4_conv_small mnasnet_small fbnetc_100 spnasnet_100 ghostnet_100
+hrnet_w18_small dla34 dpn48b densenet121 vgg11 repvgg_a0 rexnet_100 lcnet_050 tinynet_e convnext_atto
+convnextv2_atto cspresnet50 cspdarknet53 selecsls42b xception41 inception_v3 gernet_s nf_resnet26 resnetv2_50
+ese_vovnet19b_dw hardcorenas_a mixnet_s tresnet_m deit_tiny_patch16_224 vit_tiny_patch16_224
+swin_tiny_patch4_window7_224 levit_128s efficientformer_l1 poolformer_s12 mobilevit_xxs edgenext_xx_small
+fastvit_t8 efficientvit_b0 repvit_m0_9 xcit_nano_12_p16_224 pvt_v2_b0 twins_pcpvt_small mvitv2_tiny
+inception_next_tiny davit_tiny gcvit_xxtiny hgnet_tiny hgnetv2_b0 mixer_s32_224 resmlp_12_224 gmlp_ti16_224
+coatnet_nano_rw_224 maxvit_nano_rw_256 focalnet_tiny_srf
+""".split()
+
+
+def report(model_name: str) -> dict:
+    name = model_name.partition(":")[2]
+    size = small_input_size(model_name)
     row = {"model": name, "input": size, "taps": "", "branches": "", "backbone_M": "", "branches_M": "",
            "backbone_MFLOPs": "", "branches_MFLOPs": "", "augment_s": "", "strip": "✗", "reason": ""}
     try:
         torch.manual_seed(0)
-        spec = parse_spec({"backbone": {"model": f"torchvision:{name}", "kwargs": {"num_classes": 10},
+        spec = parse_spec({"backbone": {"model": model_name, "kwargs": {"num_classes": 10},
                                         "input_size": [3, size, size]}})
         start = time.perf_counter()
         model = augment(spec)
@@ -66,16 +83,23 @@ def _release_memory() -> None:
         pass
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], source: str) -> str:
     ok = sum(r["strip"] == "✓" for r in rows)
+    if source == "timm":
+        import timm
+
+        title, what = "timm coverage", f"sampled models of timm {timm.__version__} (`TIMM_SAMPLE` in the tool)"
+        command = "python tools/zoo_report.py --timm --out docs/zoo_timm.md"
+    else:
+        title, what = "torchvision coverage", f"classification models of torchvision {torchvision.__version__}"
+        command = "python tools/zoo_report.py --out docs/zoo.md"
     lines = [
-        "# torchvision coverage",
+        f"# {title}",
         "",
-        f"**{ok} of {len(rows)}** classification models of torchvision {torchvision.__version__} "
-        "augment with `taps: auto`, and strip bit-exactly.",
+        f"**{ok} of {len(rows)}** {what} augment with `taps: auto`, and strip bit-exactly.",
         "",
-        "Regenerate with `python tools/zoo_report.py --out docs/zoo.md` (CPU, torch "
-        f"{torch.__version__}). Parameters and MFLOPs are for one image at the input size shown, 10 classes.",
+        f"Regenerate with `{command}` (CPU, torch {torch.__version__}). Parameters and MFLOPs are for one "
+        "image at the input size shown, 10 classes.",
         "",
         "| model | input | auto taps | branch stages | backbone M | branches M | backbone MFLOPs | branches MFLOPs "
         "| augment s | strip | reason |",
@@ -88,16 +112,22 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help="torchvision model names (default: all classification models)")
+    parser.add_argument("models", nargs="*",
+                        help="model names, `timm:` prefixed for timm (default: every torchvision classification model)")
+    parser.add_argument("--timm", action="store_true", help="report TIMM_SAMPLE instead (needs timm)")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # GoogLeNet / Inception init notices
-    names = args.models or tvm.list_models(module=tvm)
+    if args.models:
+        names = [n if ":" in n else f"torchvision:{n}" for n in args.models]
+    else:
+        names = [f"timm:{n}" for n in TIMM_SAMPLE] if args.timm else [f"torchvision:{n}" for n in
+                                                                     tvm.list_models(module=tvm)]
     rows = []
     for name in names:
         rows.append(report(name))
         print(f"{rows[-1]['strip']} {name} {rows[-1]['augment_s']}s {rows[-1]['reason']}", flush=True)
-    text = markdown(rows)
+    text = markdown(rows, "timm" if all(n.startswith("timm:") for n in names) else "torchvision")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -41,7 +41,14 @@ ZOO: dict[str, ZooEntry] = {
 def small_input_size(name: str) -> int:
     """The smallest square input (H = W) at which ``name`` keeps all its downsamplings meaningful:
     64 for most CNNs, the fixed or minimum size for the families that need one."""
-    model = name.partition(":")[2]
+    prefix, _, model = name.partition(":")
+    if prefix == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model)
+        if cfg is not None and (cfg.fixed_input_size or model.startswith("inception")):
+            return int(cfg.input_size[-1])
+        return 64
     if model.startswith("inception"):
         return 299
     if model.startswith(("vit_", "swin", "maxvit", "alexnet")):
