@@ -1,12 +1,15 @@
 # make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
-# make test  - fresh venv, install, the test suite
+# make test  - fresh venv, install, the test suite (timm and matplotlib included)
+# make reproduce-cpu - the 2-hour baseline/DS/DKS grid on the shared CIFAR-10 (docs/results/cpu_cifar10)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The PyTorch build to install first; any torch>=2.2 / torchvision>=0.17 pair works.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
+
+.PHONY: install demo test bench reproduce-cpu clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +28,12 @@ test: install
 
 bench: install
 	$(BIN)/python tools/bench_augment.py
+
+data/cifar10: $(CIFAR)
+	mkdir -p $@.tmp && tar xzf $(CIFAR) -C $@.tmp && mv $@.tmp $@
+
+reproduce-cpu: install data/cifar10
+	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10.yaml --report-dir docs/results/cpu_cifar10
 
 clean:
 	rm -rf demo .pytest_cache build *.egg-info

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -159,7 +160,7 @@ def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source
 
 
 def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
-    """Every run of the grid; baseline runs (no taps) are shared by all variants."""
+    """Every run of the grid, seed by seed; baseline runs (no taps) are shared by all variants."""
     runs: list[Run] = []
     root = Path(grid_path).parent
     for spec_rel in grid.specs:
@@ -177,7 +178,8 @@ def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
                     label = "-".join(p for p in (name, variant.name, method, f"s{seed}") if p)
                     runs.append(Run(spec_file, name, variant.name, method, seed, Path(runs_dir) / label, spec,
                                     _config_args(grid.train, seed, method)))
-    return runs
+    # seed by seed, so that a grid stopped early has every method for its first seeds
+    return sorted(runs, key=lambda r: grid.seeds.index(r.seed))
 
 
 def _config_args(train: GridTrain, seed: int, method: str) -> list[str]:
@@ -210,6 +212,13 @@ def _epochs_done(folder: Path) -> int:
     return int(json.loads(lines[-1])["epoch"]) if lines else 0
 
 
+def prepare(run: Run) -> None:
+    """Write a new run's folder: its derived ``spec.yaml`` and the ``run.json`` that :func:`status` checks."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "spec.yaml").write_text(yaml.safe_dump(run.spec, sort_keys=False))
+    (run.folder / "run.json").write_text(json.dumps(run.settings(), indent=1) + "\n")
+
+
 def commands(run: Run, state: str, device: str) -> list[list[str]]:
     """The `dksgraph` command lines that bring a run from ``state`` to done."""
     dks = [sys.executable, "-m", "dksgraph"]
@@ -230,7 +239,8 @@ def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
     """Bring every run to ``done``; ``jobs`` at a time on CPU, or one per GPU of ``gpus`` at a time.
 
     Each run's output goes to ``train.log`` in its folder. Returns the failed runs' ids and the last
-    lines of their logs; the other runs go on when one fails.
+    lines of their logs; the other runs go on when one fails. Ctrl-C stops every run (each keeps its
+    last finished epoch, from which the next invocation resumes) and re-raises KeyboardInterrupt.
     """
     slots: queue.Queue = queue.Queue()
     for slot in (gpus if gpus else range(jobs)):
@@ -238,19 +248,21 @@ def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if not gpus else None
     failures: dict[str, str] = {}
     lock = threading.Lock()
+    stop = threading.Event()
+    running: set[subprocess.Popen] = set()
 
     def work(run: Run, state: str) -> None:
         slot = slots.get()
         try:
+            if stop.is_set():
+                return
             env = dict(os.environ)
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
             elif jobs > 1:
                 env["OMP_NUM_THREADS"] = str(threads)
-            run.folder.mkdir(parents=True, exist_ok=True)
             if state == "new":
-                (run.folder / "spec.yaml").write_text(yaml.safe_dump(run.spec, sort_keys=False))
-                (run.folder / "run.json").write_text(json.dumps(run.settings(), indent=1) + "\n")
+                prepare(run)
             start = time.perf_counter()
             if on_event:
                 on_event(run, "start", f"{state} on {'cuda:' + str(slot) if gpus else 'cpu'}")
@@ -258,7 +270,16 @@ def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
                 with open(run.folder / "train.log", "a") as log:
                     log.write(f"$ {' '.join(cmd)}\n")
                     log.flush()
-                    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                    with lock:
+                        if stop.is_set():
+                            return
+                        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                        running.add(proc)
+                    code = proc.wait()
+                    with lock:
+                        running.discard(proc)
+                if stop.is_set():
+                    return
                 if code != 0:
                     tail = (run.folder / "train.log").read_text().splitlines()[-8:]
                     with lock:
@@ -273,7 +294,17 @@ def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
 
     todo = [(r, status(r)) for r in runs]
     todo = [(r, s) for r, s in todo if s != "done"]
-    with ThreadPoolExecutor(max_workers=len(gpus) if gpus else jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(gpus) if gpus else jobs)
+    try:
         for future in [pool.submit(work, r, s) for r, s in todo]:
             future.result()
+    except KeyboardInterrupt:
+        # stop starting runs; running ones get SIGINT and exit keeping their last finished epoch
+        stop.set()
+        with lock:
+            for proc in running:
+                proc.send_signal(signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return failures

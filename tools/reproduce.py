@@ -101,7 +101,13 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
             if what in ("done", "failed"):
                 bar.update(1)
 
-        failures = grid_lib.execute(runs, gpu_list, jobs, event)
+        try:
+            failures = grid_lib.execute(runs, gpu_list, jobs, event)
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(f"\ninterrupted; run the same command again to go on (finished runs are kept, "
+                       "interrupted ones resume from their last epoch).", err=True)
+            raise SystemExit(130) from None
         bar.close()
         if failures:
             for rid, tail in failures.items():
@@ -113,7 +119,8 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
     out = Path(report_dir) if report_dir else runs_dir
     out.mkdir(parents=True, exist_ok=True)
     pictures = report.plot_curves(results, out)
-    command = "python " + " ".join(shlex.quote(a) for a in ["tools/reproduce.py", *sys.argv[1:]])
+    args = [a for a in sys.argv[1:] if a != "--report-only"]  # the report is the same as the full run's
+    command = "python " + " ".join(shlex.quote(a) for a in ["tools/reproduce.py", *args])
     t = grid.train
     preamble = "\n".join([
         grid.description.strip(), "",
