@@ -239,9 +239,10 @@ def _build_generic(stage: Stage, in_ch: int, depth: int, width: float, label: st
     first = stage.blocks[0]
     if first.in_shape[0] != in_ch:
         raise GraphError(
-            f"tap `{label}` gives {in_ch} channels but stage `{stage.name}` ({', '.join(names)}) expects "
-            f"{first.in_shape[0]}; its blocks have no builder that could adapt. Tap at the end of the stage "
-            "before it instead (`dksgraph inspect` marks stage ends)."
+            f"tap `{label}` gives {in_ch} channels but stage `{stage.name}` ({', '.join(names)}) starts from "
+            f"{first.in_shape[0]}: the backbone changes the channel count between them outside any block "
+            "dksgraph recognises, and blocks without a builder are copied as they are. Tap at another stage "
+            "end (`dksgraph inspect` marks them; with `taps: auto`, list the taps by hand)."
         )
     blocks = [fresh_copy(b.module) for b in stage.blocks[:depth]]
     last = stage.blocks[-1]

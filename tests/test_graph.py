@@ -5,7 +5,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 from dksgraph.errors import GraphError
 from dksgraph.graph import trace
 from dksgraph.models.cifar_resnet import resnet32
-from toynets import gated_net, odd_net
+from toynets import gated_net, odd_net, tree_net
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,28 @@ def test_untraceable_module_is_named_with_leaf_module_advice():
 def test_generic_family_stages():
     t = trace(odd_net(), (3, 32, 32))
     assert [(s.d, len(s.blocks)) for s in t.stages] == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_downsampling_children_of_the_root_after_the_last_container_are_stages():
+    """DLA's layout: level2..level4 are stages, the composite global pool belongs to the head."""
+    t = trace(tree_net(), (3, 32, 32))
+    assert [b.path for b in t.blocks][-3:] == ["level2", "level3", "level4"]
+    assert t.final == "level4.relu" and t.d[t.final] == 4
+    assert t.head[0] == "global_pool.pool" and "scale" in t.head
+    assert [t.alias(node) for _, node, _ in t.auto_taps()] == ["level3", "level2"]
+
+
+def test_tree_net_augments_and_strips_with_a_head_parameter():
+    import torch
+
+    from dksgraph.augment import augment
+    from dksgraph.spec import parse_spec
+    from dksgraph.strip import strip
+
+    model = augment(parse_spec({"backbone": {"model": "toynets:tree_net", "input_size": [3, 32, 32]}}))
+    assert [p.tap for p in model.plans] == ["level3", "level2"]
+    for label in model.classifiers[1:]:
+        head_scale = [v for k, v in model.branches[label].named_parameters() if k.endswith("scale")]
+        assert len(head_scale) == 1 and head_scale[0].item() == 2.0  # the head's own parameter, copied
+    model(torch.randn(2, 3, 32, 32))["c3"].sum().backward()
+    strip(model)

@@ -72,3 +72,39 @@ class DropNet(OddNet):
 
 def drop_net(num_classes: int = 10) -> DropNet:
     return DropNet(num_classes)
+
+
+class GlobalPool(nn.Module):
+    """A composite, parameter-free global pool (like timm's SelectAdaptivePool2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(x)
+
+
+class TreeNet(nn.Module):
+    """DLA's layout: Sequential stem levels, then downsampling levels that are the network's own
+    children (no stage container), and a head that pools in a composite module and reads a parameter
+    directly (a learned temperature)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.level0 = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.level1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.level2 = OddBlock(16, 32, 2)
+        self.level3 = OddBlock(32, 48, 2)
+        self.level4 = OddBlock(48, 64, 2)
+        self.global_pool = GlobalPool()
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.level4(self.level3(self.level2(self.level1(self.level0(x)))))
+        return self.fc(self.global_pool(x).flatten(1) * self.scale)
+
+
+def tree_net(num_classes: int = 10) -> TreeNet:
+    return TreeNet(num_classes)
