@@ -298,7 +298,7 @@ def _is_flat_stack(m: nn.Module) -> bool:
 def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:
     """Building blocks: composite children of stage containers, downsampling layers between them, and
     the layers of flat conv stacks. A model with no stage container is its own (GoogLeNet, Inception);
-    composite children of the model after its last stage container are blocks as well."""
+    downsampling children of the model after its last stage container are blocks as well."""
     blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=False)
     as_root = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=True)
     if not blocks:

@@ -46,7 +46,7 @@ def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
         if node.meta["qualname"] not in head:
             continue
         if node.op == "get_attr" or any(src not in env and src.op != "get_attr" for src in node.all_input_nodes):
-            continue  # not fed by the final feature map (e.g. the input's shape); not part of the head
+            continue  # copied where used; or not fed by the final feature map (e.g. the input's shape)
         for src in node.all_input_nodes:
             if src not in env:  # a parameter or buffer the head reads directly
                 env[src] = new.get_attr(src.target)
