@@ -33,7 +33,8 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError
 
 from dksgraph.errors import DksError, SpecError
-from dksgraph.spec import PairSet, _Strict, parse_spec
+from dksgraph.spec import PairSet, _Strict, describe_errors, parse_spec, read_yaml
+from dksgraph.train.metrics import read_history
 
 Method = Literal["baseline", "ds", "dks"]
 
@@ -103,13 +104,10 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise DksError(f"grid file `{path}` does not exist; the grids of the paper are in specs/grids/.")
     try:
-        return Grid.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as exc:
-        raise SpecError(f"`{path}` is not valid YAML: {exc}") from None
+        return Grid.model_validate(read_yaml(path) or {})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise SpecError(f"grid file `{path}` is invalid: {problems}. Its fields are: "
-                        f"{', '.join(Grid.model_fields)}; see specs/grids/ for examples.") from None
+        raise SpecError(f"grid file `{path}` is invalid: {describe_errors(exc, Grid)}. See specs/grids/ for "
+                        "examples.") from None
 
 
 def apply_overrides(grid: Grid, **overrides: Any) -> Grid:
@@ -168,7 +166,7 @@ def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
         if not spec_file.is_file():
             raise DksError(f"grid `{grid.name}` names spec `{spec_rel}`, which is not at `{spec_file}`; spec paths "
                            "are relative to the grid file.")
-        base = yaml.safe_load(spec_file.read_text()) or {}
+        base = read_yaml(spec_file) or {}
         name = base.get("name") or spec_file.stem
         for method in grid.methods:
             variants = [Variant(name="")] if method == "baseline" else grid.variants
@@ -198,18 +196,11 @@ def status(run: Run) -> str:
     if saved.is_file() and json.loads(saved.read_text()) != run.settings():
         raise DksError(f"`{run.folder}` holds a run with other settings than the grid now asks for (spec, method, "
                        "seed or budget changed). Delete that folder to rerun it, or pass another `--runs-dir`.")
-    epochs = _epochs_done(run.folder)
+    history = read_history(run.folder) if (run.folder / "last.pt").is_file() else []
+    epochs = int(history[-1]["epoch"]) if history else 0
     if epochs >= run.epochs:
         return "done" if (run.folder / "final.json").is_file() else "eval"
     return "resume" if (run.folder / "last.pt").is_file() else "new"
-
-
-def _epochs_done(folder: Path) -> int:
-    path = folder / "metrics.jsonl"
-    if not path.is_file() or not (folder / "last.pt").is_file():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return int(json.loads(lines[-1])["epoch"]) if lines else 0
 
 
 def prepare(run: Run) -> None:
@@ -234,9 +225,10 @@ def commands(run: Run, state: str, device: str) -> list[list[str]]:
     return out
 
 
-def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
+def execute(todo: list[tuple[Run, str]], gpus: list[int] | None = None, jobs: int = 1,
             on_event: Callable[[Run, str, str], None] | None = None) -> dict[str, str]:
-    """Bring every run to ``done``; ``jobs`` at a time on CPU, or one per GPU of ``gpus`` at a time.
+    """Bring each run from its :func:`status` to ``done``; ``jobs`` at a time on CPU, or one per GPU
+    of ``gpus`` at a time.
 
     Each run's output goes to ``train.log`` in its folder. Returns the failed runs' ids and the last
     lines of their logs; the other runs go on when one fails. Ctrl-C stops every run (each keeps its
@@ -292,7 +284,6 @@ def execute(runs: list[Run], gpus: list[int] | None = None, jobs: int = 1,
         finally:
             slots.put(slot)
 
-    todo = [(r, status(r)) for r in runs]
     todo = [(r, s) for r, s in todo if s != "done"]
     pool = ThreadPoolExecutor(max_workers=len(gpus) if gpus else jobs)
     try:

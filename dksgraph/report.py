@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dksgraph.grid import Run
+from dksgraph.train.metrics import read_history
 
 METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dks": "DKS"}
 
@@ -59,10 +60,7 @@ def load_results(runs: list[Run]) -> list[Result]:
     """Every finished run's history and final scores (runs still training are left out)."""
     results = []
     for run in runs:
-        path = run.folder / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        history = read_history(run.folder)
         if not history or history[-1]["epoch"] < run.epochs:
             continue
         final_path = run.folder / "final.json"

@@ -170,8 +170,13 @@ def load_spec(path: str | Path) -> Spec:
             f"spec file `{path}` does not exist. Check the path; the shipped specs are in `specs/` "
             "(for example `specs/resnet32.yaml`), and `dksgraph schema` prints the format."
         )
+    return parse_spec(read_yaml(path), source=str(path), default_name=path.stem)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data, or a SpecError naming the line and column of a syntax error."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -181,8 +186,8 @@ def load_spec(path: str | Path) -> Spec:
             "(indentation, a missing colon or an unclosed bracket are the usual causes)."
         ) from None
     except UnicodeDecodeError:
-        raise SpecError(f"`{path}` is not a text file; a spec is a YAML file like `specs/resnet32.yaml`.") from None
-    return parse_spec(data, source=str(path), default_name=path.stem)
+        raise SpecError(f"`{path}` is not a text file; specs and grids are YAML files like "
+                        "`specs/resnet32.yaml`.") from None
 
 
 def parse_spec(data: Any, source: str = "spec", default_name: str | None = None) -> Spec:
@@ -195,14 +200,15 @@ def parse_spec(data: Any, source: str = "spec", default_name: str | None = None)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"`{source}` is not a valid spec: {_describe(exc)}") from None
+        raise SpecError(f"`{source}` is not a valid spec: {describe_errors(exc, Spec)}. Fix the spec "
+                        "(`dksgraph schema` prints every allowed field).") from None
     if spec.name is None and default_name:
         spec = spec.model_copy(update={"name": default_name})
     return spec
 
 
-def _describe(exc: ValidationError) -> str:
-    """One readable sentence per problem, with the allowed keys for an unknown one."""
+def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
+    """One readable sentence per problem of validating ``root``, with the allowed keys for an unknown one."""
     errors = exc.errors(include_url=False)
     cleaned = []
     for err in errors:
@@ -216,7 +222,7 @@ def _describe(exc: ValidationError) -> str:
             continue  # the input was a list; the error of the `auto`/keyword branch is noise
         where = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc)
+            allowed = _allowed_keys(root, loc)
             hint = close_matches(str(loc[-1]), allowed)
             sentences.append(
                 f"unknown key `{where}`"
@@ -228,12 +234,11 @@ def _describe(exc: ValidationError) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             sentences.append(f"`{where}`: {msg}" if loc else msg)
-    sentences = list(dict.fromkeys(sentences))
-    return "; ".join(sentences) + ". Fix the spec (`dksgraph schema` prints every allowed field)."
+    return "; ".join(dict.fromkeys(sentences))
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Spec
+def _allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue

@@ -102,7 +102,7 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
                 bar.update(1)
 
         try:
-            failures = grid_lib.execute(runs, gpu_list, jobs, event)
+            failures = grid_lib.execute([(r, states[r.id]) for r in runs], gpu_list, jobs, event)
         except KeyboardInterrupt:
             bar.close()
             click.echo(f"\ninterrupted; run the same command again to go on (finished runs are kept, "

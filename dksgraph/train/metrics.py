@@ -88,6 +88,14 @@ class RunLog:
             self.tb.close()
 
 
+def read_history(folder: Path) -> list[dict]:
+    """The per-epoch records in a run folder's metrics.jsonl (none when it has no such file)."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def summary_rows(history: list[dict], names: list[str]) -> list[list[object]]:
     """Final and best test accuracy of every classifier over a run's history."""
     rows = []
