@@ -3,7 +3,9 @@
 ``forward(x)`` returns an ordered dict of logits, ``main`` first, then the taps deep -> shallow.
 The state_dict holds exactly ``backbone.<original keys>`` and ``branches.<tap>.<...>``. The
 backbone object is never mutated: the taps are read by an FX program over the backbone's own
-submodules (one program per train/eval mode), kept outside the module tree.
+submodules (one program per train/eval mode), kept outside the module tree; the programs look the
+backbone's submodules up at every call, so a module swapped into the backbone later
+(``nn.SyncBatchNorm.convert_sync_batchnorm``, a replacement of your own) takes effect.
 
 Example::
 
@@ -50,11 +52,6 @@ class AugmentedModel(nn.Module):
             programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans])
         self.__dict__["_programs"] = programs
 
-    def _apply(self, fn, recurse: bool = True):
-        result = super()._apply(fn, recurse)
-        self._build_programs()  # buffers may have been replaced; refresh the programs' references
-        return result
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         result, *features = self.__dict__["_programs"][self.training](x)
         logits = {MAIN: main_logits(result)}
@@ -98,7 +95,13 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.Gr
                 node = new.call_method("clone", (node,))
         features.append(node)
     new.output((out, *features))
-    return fx.GraphModule(backbone, new, class_name="TapProgram")
+    program = fx.GraphModule(backbone, new, class_name="TapProgram")
+    # a view, not a copy, of the backbone's module tree: the program looks its submodules, parameters and
+    # buffers up in the backbone's own tables at every call, so a module swapped in later
+    # (SyncBatchNorm.convert_sync_batchnorm, a user's replacement, `.to()`) is the one that runs
+    program.__dict__.update(_modules=backbone._modules, _parameters=backbone._parameters,
+                            _buffers=backbone._buffers)
+    return program
 
 
 def _in_place(node: fx.Node, backbone: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""The `dksgraph` command line: inspect, augment, strip, schema.
+"""The `dksgraph` command line: inspect, augment, strip, schema (train and eval: :mod:`dksgraph.train.commands`).
 
 Every user mistake ends with a one-paragraph message on stderr and exit status 2.
 """
@@ -41,26 +41,16 @@ def cli() -> None:
 
 def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None, taps: str | None = None):
     """A Spec from a YAML path, or a minimal one around a model name (everything else defaulted)."""
-    from dksgraph.spec import load_spec, parse_spec
+    from dksgraph.spec import apply_overrides, load_spec, parse_spec
 
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         spec = load_spec(target)
-        updates = {}
-        if input_size:
-            updates["input_size"] = list(input_size)
-        if num_classes:
-            updates["kwargs"] = {**spec.backbone.kwargs, "num_classes": num_classes}
-        if updates:
-            spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update=updates)})
-        if taps:
-            spec = parse_spec({**spec.model_dump(mode="json"), "taps": _taps(taps)}, source=target)
-        return spec
-    zoo = target.startswith("zoo:")
-    backbone = {"model": target, "input_size": list(input_size or ((3, 32, 32) if zoo else (3, 224, 224)))}
-    if num_classes:
-        backbone["kwargs"] = {"num_classes": num_classes}
-    return parse_spec({"backbone": backbone, "taps": _taps(taps or "auto")}, source=target,
-                      default_name=target.split(":")[-1])
+    else:
+        size = (3, 32, 32) if target.startswith("zoo:") else (3, 224, 224)
+        spec = parse_spec({"backbone": {"model": target, "input_size": list(size)}}, source=target,
+                          default_name=target.split(":")[-1])
+    return apply_overrides(spec, source=target, input_size=input_size or None, num_classes=num_classes,
+                           taps=_taps(taps) if taps else None)
 
 
 def _taps(text: str):
@@ -196,156 +186,22 @@ def strip(checkpoint: str, output: str | None, fmt: str) -> None:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False), required=False)
-@click.option("--method", type=click.Choice(["dks", "ds", "baseline"]), default="dks", show_default=True,
-              help="dks: taps + synergy pairs; ds: taps, no pairs (deep supervision); baseline: no taps.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<spec name>-<method>).")
-@click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this last.pt exactly.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"]),
-              help="Default: the spec's train.dataset.")
-@click.option("--data-dir", type=click.Path(), help="Default: the spec's train.data_dir.")
-@_num_classes
-@click.option("--epochs", type=click.IntRange(min=1), help="Default: the spec's train.epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size (split over processes).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Default: the spec's learning rate.")
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), help="Linear LR warm-up (default: the spec's).")
-@click.option("--seed", type=int, help="Default: the spec's train.seed.")
-@click.option("--train-subset", type=click.IntRange(min=1), help="Train on a fixed random subset of N images.")
-@click.option("--test-subset", type=click.IntRange(min=1),
-              help="Score each epoch on a fixed random subset of N test images (the same for every seed).")
-@click.option("--limit-train-batches", type=click.IntRange(min=1), help="At most N training batches per epoch.")
-@click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches per epoch.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
-              help="Automatic mixed precision (fp16 uses a GradScaler and needs CUDA).")
-@click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on recent GPUs).")
-@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 4 on CUDA, 0 on CPU).")
-def train(spec_path, method, out, resume, overwrite, dataset, data_dir, num_classes, epochs, batch_size, lr,
-          warmup_epochs, seed, train_subset, test_subset, limit_train_batches, limit_eval_batches, device, amp, channels_last, use_compile,
-          workers) -> None:
-    """Train the spec's backbone with DKS (or DS / the plain baseline) on CPU, a GPU, or DDP via torchrun.
-
-    \b
-      dksgraph train specs/resnet32.yaml --method dks --out runs/r32-dks
-      dksgraph train --resume runs/r32-dks/last.pt
-      torchrun --nproc-per-node 8 -m dksgraph train specs/resnet50.yaml
-    """
-
-    from dksgraph.spec import load_spec, parse_spec
-    from dksgraph.train import distributed
-    from dksgraph.train.checkpoint import load_checkpoint
-    from dksgraph.train.engine import RunConfig, Trainer, prepare_run_folder
-    from dksgraph.train.metrics import SUMMARY_HEADERS, summary_rows
-    from dksgraph.summary import format_table
-
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if "config" not in ckpt or "optimizer" not in ckpt:
-            raise DksError(f"`{resume}` is an untrained checkpoint with no training state; start a run from its "
-                           "spec instead of resuming it.")
-        spec = parse_spec(ckpt["spec"], source=f"{resume} (its spec)")
-        config = RunConfig.from_dict(ckpt["config"])
-        config.out = str(Path(resume).parent)
-        if epochs:
-            config.epochs = epochs
-    else:
-        if spec_path is None:
-            raise DksError("give a spec file (e.g. `dksgraph train specs/resnet32.yaml`) or `--resume last.pt`.")
-        spec = load_spec(spec_path)
-        if num_classes:
-            spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(
-                update={"kwargs": {**spec.backbone.kwargs, "num_classes": num_classes}})})
-        t = spec.train
-        if lr:
-            t = t.model_copy(update={"optimizer": t.optimizer.model_copy(update={"lr": lr})})
-        if warmup_epochs is not None:
-            t = t.model_copy(update={"schedule": t.schedule.model_copy(update={"warmup_epochs": warmup_epochs})})
-        spec = spec.model_copy(update={"train": t})
-        config = RunConfig(
-            method=method, out=out or f"runs/{spec.display_name}-{method}", dataset=dataset or t.dataset,
-            data_dir=data_dir or t.data_dir, epochs=epochs or t.epochs, batch_size=batch_size or t.batch_size,
-            seed=t.seed if seed is None else seed, train_subset=train_subset, test_subset=test_subset,
-            limit_train_batches=limit_train_batches, limit_eval_batches=limit_eval_batches, device=device,
-            amp=amp, channels_last=channels_last, compile=use_compile, workers=workers)
-        if distributed.from_env().is_main:
-            prepare_run_folder(Path(config.out), overwrite)
-    trainer = Trainer(spec, config, resume=ckpt)
-    try:
-        if trainer.world.is_main:
-            click.echo(f"training {spec.display_name} ({config.method}) on {trainer.device} x{trainer.world.size}: "
-                       f"{len(trainer.data.train)} train / {len(trainer.data.test)} test images, "
-                       f"epochs {trainer.epoch + 1}..{config.epochs}, run folder {config.out}")
-        try:
-            history = trainer.fit()
-        except KeyboardInterrupt:
-            if trainer.world.is_main:
-                click.echo(f"\ninterrupted; continue with: dksgraph train --resume {Path(config.out) / 'last.pt'}",
-                           err=True)
-            raise SystemExit(130) from None
-        if trainer.world.is_main and history:
-            click.echo(format_table(summary_rows(history, trainer.loss_fn.classifiers + ["ensemble"]),
-                                    SUMMARY_HEADERS))
-            click.echo(f"checkpoints: {Path(config.out) / 'last.pt'}, {Path(config.out) / 'best.pt'}; "
-                       f"metrics: {Path(config.out) / 'metrics.csv'}")
-    finally:
-        distributed.teardown()
-
-
-@cli.command(name="eval")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"]),
-              help="Default: the dataset the run trained on.")
-@click.option("--data-dir", type=click.Path(), help="Default: the run's data folder.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the accuracies to this JSON file.")
-def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, device, json_out) -> None:
-    """Top-1 / top-5 accuracy of every classifier of a checkpoint, and of their ensemble, on the whole test set."""
-    from dksgraph.spec import parse_spec
-    from dksgraph.summary import format_table
-    from dksgraph.train.checkpoint import load_checkpoint
-    from dksgraph.train.engine import RunConfig, Trainer
-
-    ckpt = load_checkpoint(checkpoint)
-    spec = parse_spec(ckpt["spec"], source=f"{checkpoint} (its spec)")
-    config = RunConfig.from_dict(ckpt.get("config", {}))
-    config.method = "ds" if spec.taps else "baseline"
-    config.dataset = dataset or config.dataset
-    config.data_dir = data_dir or config.data_dir
-    config.batch_size, config.device, config.compile = batch_size, device, False
-    config.test_subset = None
-    trainer = Trainer(spec, config)
-    from dksgraph.strip import load_augmented_state
-
-    load_augmented_state(trainer.model, ckpt["model"], checkpoint)
-    record = trainer.evaluate(limit_eval_batches)
-    names = [*trainer.loss_fn.classifiers, "ensemble"]
-    rows = [[n, f"{record[f'test/acc1/{n}']:.2f}", f"{record[f'test/acc5/{n}']:.2f}"]
-            for n in names if f"test/acc1/{n}" in record]
-    click.echo(f"{spec.display_name} ({ckpt.get('method', '?')}), epoch {ckpt.get('epoch', '?')}, "
-               f"{config.dataset} test set ({len(trainer.data.test)} images"
-               f"{f', first {limit_eval_batches} batches' if limit_eval_batches else ''}):")
-    click.echo(format_table(rows, ["classifier", "top-1 %", "top-5 %"]))
-    if json_out:
-        from dksgraph.train.checkpoint import atomic_write
-
-        record.update({"epoch": ckpt.get("epoch"), "images": len(trainer.data.test), "dataset": config.dataset,
-                       "limit_eval_batches": limit_eval_batches})
-        atomic_write(json_out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
-        click.echo(f"wrote {json_out}")
-
-
-@cli.command()
 @click.option("--indent", type=int, default=2, show_default=True)
 def schema(indent: int) -> None:
     """Print the spec's JSON Schema (for editors' YAML language servers)."""
     from dksgraph.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=indent))
+
+
+def _add_training_commands() -> None:
+    from dksgraph.train.commands import evaluate, train
+
+    cli.add_command(train)
+    cli.add_command(evaluate)
+
+
+_add_training_commands()
 
 
 def main() -> None:

@@ -27,34 +27,41 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 
 from dksgraph.errors import DksError, SpecError
-from dksgraph.spec import PairSet, _Strict, describe_errors, parse_spec, read_yaml
+from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method, PairSet, Schedule, _Strict,
+                           apply_overrides, describe_errors, parse_spec, read_yaml)
+from dksgraph.train.runconfig import AmpMode
 from dksgraph.train.metrics import read_history
 
-Method = Literal["baseline", "ds", "dks"]
 
 
 class GridTrain(_Strict):
-    """Overrides of every run's training settings; unset fields keep each spec's own recipe."""
+    """Overrides of every run's recipe (unset fields keep each spec's own) and runtime settings."""
 
-    dataset: Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"] | None = None
+    dataset: Dataset | None = None
     data_dir: str | None = Field(None, description="Relative to the directory tools/reproduce.py runs in.")
     num_classes: PositiveInt | None = None
     epochs: PositiveInt | None = Field(None, description="LR milestones are scaled by epochs / the spec's epochs.")
     batch_size: PositiveInt | None = None
-    lr: float | None = None
-    warmup_epochs: float | None = None
+    lr: PositiveFloat | None = None
+    warmup_epochs: NonNegativeFloat | None = None
+    schedule: Schedule | None = None
     train_subset: PositiveInt | None = None
     test_subset: PositiveInt | None = Field(None, description="Per-epoch scoring only; final.json uses every image.")
+    # runtime settings (dksgraph train flags that do not change the recipe)
     limit_train_batches: PositiveInt | None = None
-    amp: Literal["none", "bf16", "fp16"] | None = None
+    amp: AmpMode | None = None
     channels_last: bool = False
-    workers: int | None = None
+    data_on_device: bool = False
+    workers: NonNegativeInt | None = None
+
+    def recipe(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*BACKBONE_OVERRIDES, *RECIPE_OVERRIDES) if k in type(self).model_fields}
 
 
 class Variant(_Strict):
@@ -110,14 +117,16 @@ def load_grid(path: str | Path) -> Grid:
                         "examples.") from None
 
 
-def apply_overrides(grid: Grid, **overrides: Any) -> Grid:
+def with_budget(grid: Grid, **overrides: Any) -> Grid:
     """The grid with command-line budget overrides (``epochs``, ``train_subset``, ...) set where not None."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return grid.model_copy(update={"train": grid.train.model_copy(update=given)}) if given else grid
 
 
-def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source: str) -> dict[str, Any]:
-    """The spec dictionary of one run: the spec file with the variant and the grid's overrides applied."""
+def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source: str, method: str = "dks",
+                seed: int | None = None) -> dict[str, Any]:
+    """The spec dictionary of one run: the spec file with the variant, the grid's overrides, the method and
+    the seed applied (through :func:`~dksgraph.spec.apply_overrides`, the rule `dksgraph train` follows)."""
     spec = json.loads(json.dumps(base))  # deep copy that also turns tuples into lists
     if variant.taps is not None:
         taps = spec.get("taps")
@@ -133,28 +142,9 @@ def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source
     if variant.pairs is not None:
         pairs = variant.pairs if isinstance(variant.pairs, str) else [list(p) for p in variant.pairs]
         spec.setdefault("synergy", {})["pairs"] = pairs
-    if train.num_classes is not None:
-        spec["backbone"].setdefault("kwargs", {})["num_classes"] = train.num_classes
-    t = spec.setdefault("train", {})
-    for key in ("dataset", "data_dir", "batch_size"):
-        if getattr(train, key) is not None:
-            t[key] = getattr(train, key)
-    if train.lr is not None:
-        t.setdefault("optimizer", {})["lr"] = train.lr
-    schedule = t.setdefault("schedule", {})
-    if train.warmup_epochs is not None:
-        schedule["warmup_epochs"] = train.warmup_epochs
-    parsed = parse_spec(spec, source=source)  # fills defaults, so epochs and milestones are known
-    t["epochs"] = parsed.train.epochs
-    if train.epochs is not None and train.epochs != parsed.train.epochs:
-        scale = train.epochs / parsed.train.epochs
-        s = parsed.train.schedule
-        schedule["milestones"] = sorted({max(1, round(m * scale)) for m in s.milestones})
-        if s.step_size is not None:
-            schedule["step_size"] = max(1, round(s.step_size * scale))
-        t["epochs"] = train.epochs
-    parse_spec(spec, source=source)
-    return spec
+    parsed = apply_overrides(parse_spec(spec, source=source), source=source, method=method, seed=seed,
+                             **train.recipe())
+    return parsed.model_dump(mode="json", exclude_none=True)
 
 
 def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
@@ -171,22 +161,24 @@ def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
         for method in grid.methods:
             variants = [Variant(name="")] if method == "baseline" else grid.variants
             for variant in variants:
-                spec = derive_spec(base, variant, grid.train, f"{spec_file} (variant `{variant.name}`)")
                 for seed in grid.seeds:
+                    spec = derive_spec(base, variant, grid.train, f"{spec_file} (variant `{variant.name}`)",
+                                       method, seed)
                     label = "-".join(p for p in (name, variant.name, method, f"s{seed}") if p)
                     runs.append(Run(spec_file, name, variant.name, method, seed, Path(runs_dir) / label, spec,
-                                    _config_args(grid.train, seed, method)))
+                                    _runtime_args(grid.train)))
     # seed by seed, so that a grid stopped early has every method for its first seeds
     return sorted(runs, key=lambda r: grid.seeds.index(r.seed))
 
 
-def _config_args(train: GridTrain, seed: int, method: str) -> list[str]:
-    args = ["--method", method, "--seed", str(seed)]
-    for key in ("train_subset", "test_subset", "limit_train_batches", "amp", "workers"):
+def _runtime_args(train: GridTrain) -> list[str]:
+    args = []
+    for key in ("limit_train_batches", "amp", "workers"):
         if getattr(train, key) is not None:
             args += [f"--{key.replace('_', '-')}", str(getattr(train, key))]
-    if train.channels_last:
-        args.append("--channels-last")
+    for key in ("channels_last", "data_on_device"):
+        if getattr(train, key):
+            args.append(f"--{key.replace('_', '-')}")
     return args
 
 
@@ -218,7 +210,7 @@ def commands(run: Run, state: str, device: str) -> list[list[str]]:
         out.append([*dks, "train", str(run.folder / "spec.yaml"), *run.args, "--device", device,
                     "--out", str(run.folder), "--overwrite"])
     elif state == "resume":
-        out.append([*dks, "train", "--resume", str(run.folder / "last.pt"), "--epochs", str(run.epochs)])
+        out.append([*dks, "train", "--resume", str(run.folder / "last.pt"), *run.args, "--device", device])
     if state != "done":
         out.append([*dks, "eval", str(run.folder / "last.pt"), "--json", str(run.folder / "final.json"),
                     "--device", device])

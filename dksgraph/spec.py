@@ -13,15 +13,21 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic import ValidationError, model_validator
 
 from dksgraph.errors import SpecError, close_matches
 
 PairSet = Literal["bidirectional", "top_down", "bottom_up", "none"]
+Method = Literal["dks", "ds", "baseline"]
+Dataset = Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"]
+Augmentation = Literal["cifar", "imagenet", "imagenet_inception", "none"]
+Schedule = Literal["multistep", "step", "cosine"]
+METHODS: tuple[str, ...] = get_args(Method)
+DATASETS: tuple[str, ...] = get_args(Dataset)
 MAIN = "main"
 
 
@@ -85,7 +91,10 @@ class OptimizerSpec(_Strict):
 
 
 class ScheduleSpec(_Strict):
-    name: Literal["multistep", "step", "cosine"] = "multistep"
+    """Learning rate over training: a per-step linear warm-up, then multistep / step decays at epoch
+    boundaries or a cosine decay (per step) to zero at the last epoch."""
+
+    name: Schedule = "multistep"
     milestones: list[PositiveInt] = Field(default_factory=lambda: [60, 120, 160])
     step_size: PositiveInt | None = Field(None, description="Epochs between decays for `step`.")
     gamma: PositiveFloat = 0.2
@@ -94,16 +103,27 @@ class ScheduleSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """Defaults for `dksgraph train`; every field can be overridden on the command line."""
+    """The training recipe: everything that decides the data and the optimisation of a run.
 
-    dataset: Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"] = "cifar100"
+    `dksgraph train` flags override these fields (see :func:`apply_overrides`); a checkpoint stores
+    the recipe it was trained with, so a resumed run cannot silently change it.
+    """
+
+    method: Method = Field("dks", description="dks: taps + synergy pairs; ds: taps, no pairs; baseline: no taps.")
+    dataset: Dataset = "cifar100"
     data_dir: str = "./data"
     epochs: PositiveInt = 200
-    batch_size: PositiveInt = 128
+    batch_size: PositiveInt = Field(128, description="The global batch, split over the processes of a run.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    augmentation: Literal["cifar", "imagenet", "none"] = "cifar"
-    seed: int = 0
+    augmentation: Augmentation = Field(
+        "cifar", description="cifar: pad 4, random crop, flip; imagenet: resize to 256x256, random 224 crop, flip "
+        "(the paper's ResNet-18/50); imagenet_inception: random-resized 224 crop, flip (the paper's ResNet-152); "
+        "none: resize only.")
+    seed: NonNegativeInt = 0
+    train_subset: PositiveInt | None = Field(None, description="Train on a fixed random subset of N images.")
+    test_subset: PositiveInt | None = Field(
+        None, description="Score each epoch on a fixed random subset of N test images (the same for every seed).")
 
 
 class Spec(_Strict):
@@ -205,6 +225,60 @@ def parse_spec(data: Any, source: str = "spec", default_name: str | None = None)
     if spec.name is None and default_name:
         spec = spec.model_copy(update={"name": default_name})
     return spec
+
+
+# The spec fields a command line or a grid may override, by the name of their flag. The recipe ones
+# (all but the backbone's) decide a run's data and optimisation: a resumed run refuses to change them.
+BACKBONE_OVERRIDES = ("num_classes", "input_size", "taps")
+RECIPE_OVERRIDES = ("method", "dataset", "data_dir", "epochs", "batch_size", "lr", "warmup_epochs", "schedule",
+                    "seed", "train_subset", "test_subset")
+
+
+def apply_overrides(spec: Spec, source: str = "spec", **changes: Any) -> Spec:
+    """The spec with overrides applied (a value of None keeps the spec's own) and validated again.
+
+    Keys are :data:`BACKBONE_OVERRIDES` and :data:`RECIPE_OVERRIDES`. One rule for ``epochs``,
+    wherever it comes from (`dksgraph train --epochs`, a grid): the multistep milestones and the
+    step size scale with it, so a shortened run keeps the recipe's shape (200 epochs with
+    milestones [60, 120, 160] become 20 epochs with [6, 12, 16]); warm-up epochs do not scale.
+
+    >>> spec = parse_spec({"backbone": {"model": "zoo:resnet32"}})
+    >>> short = apply_overrides(spec, epochs=20, lr=0.05)
+    >>> short.train.epochs, short.train.schedule.milestones, short.train.optimizer.lr
+    (20, [6, 12, 16], 0.05)
+    """
+    unknown = sorted(set(changes) - set(BACKBONE_OVERRIDES) - set(RECIPE_OVERRIDES))
+    if unknown:
+        raise TypeError(f"apply_overrides() got unknown overrides {unknown}")
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        return spec
+    data = spec.model_dump(mode="json")
+    backbone, train = data["backbone"], data["train"]
+    if "num_classes" in given:
+        backbone["kwargs"] = {**backbone["kwargs"], "num_classes": given["num_classes"]}
+    if "input_size" in given:
+        backbone["input_size"] = list(given["input_size"])
+    if "taps" in given:
+        data["taps"] = given["taps"]
+    for key in ("method", "dataset", "data_dir", "batch_size", "seed", "train_subset", "test_subset"):
+        if key in given:
+            train[key] = given[key]
+    if "lr" in given:
+        train["optimizer"]["lr"] = given["lr"]
+    schedule = train["schedule"]
+    if "warmup_epochs" in given:
+        schedule["warmup_epochs"] = given["warmup_epochs"]
+    if "schedule" in given:
+        schedule["name"] = given["schedule"]
+    epochs = given.get("epochs")
+    if epochs is not None and epochs != train["epochs"]:
+        scale = epochs / train["epochs"]
+        schedule["milestones"] = sorted({max(1, round(m * scale)) for m in schedule["milestones"]})
+        if schedule["step_size"] is not None:
+            schedule["step_size"] = max(1, round(schedule["step_size"] * scale))
+        train["epochs"] = epochs
+    return parse_spec(data, source=source)
 
 
 def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:

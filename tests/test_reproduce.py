@@ -11,6 +11,9 @@ from conftest import ROOT, write
 from dksgraph import grid as grid_lib
 from dksgraph import report
 from dksgraph.errors import DksError, SpecError
+from dksgraph.spec import parse_spec
+from dksgraph.train.engine import Trainer
+from dksgraph.train.runconfig import RunConfig
 
 TOY = f"""
 name: toy
@@ -56,8 +59,13 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
     grid_file = write(tmp_path / "toy.yaml", TOY.replace("methods: [baseline, dks]", "methods: [dks]"))
     (run,) = grid_lib.plan(grid_lib.load_grid(grid_file), grid_file, tmp_path / "runs")
     grid_lib.prepare(run)
-    (train, _) = grid_lib.commands(run, "new", "cpu")
-    subprocess.run([*train, "--epochs", "1"], check=True, capture_output=True, cwd=tmp_path)  # stops after epoch 1
+
+    def interrupt(epoch, step):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stops in epoch 2
+        Trainer(parse_spec(run.spec), RunConfig(out=str(run.folder), limit_train_batches=2), on_step=interrupt).fit()
     epoch1 = (run.folder / "metrics.jsonl").read_text()
     assert grid_lib.status(run) == "resume"
 
@@ -74,7 +82,7 @@ def test_changed_settings_are_refused_instead_of_mixed(tmp_path):
     grid_file = write(tmp_path / "toy.yaml", TOY)
     (run, _) = grid_lib.plan(grid_lib.load_grid(grid_file), grid_file, tmp_path / "runs")
     grid_lib.prepare(run)
-    bigger = grid_lib.apply_overrides(grid_lib.load_grid(grid_file), train_subset=100)
+    bigger = grid_lib.with_budget(grid_lib.load_grid(grid_file), train_subset=100)
     (changed, _) = grid_lib.plan(bigger, grid_file, tmp_path / "runs")
     with pytest.raises(DksError, match="other settings"):
         grid_lib.status(changed)

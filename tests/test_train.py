@@ -11,19 +11,25 @@ import torch
 
 from conftest import ROOT, write
 from dksgraph.errors import DksError
-from dksgraph.spec import parse_spec
+from dksgraph.spec import apply_overrides, parse_spec
 from dksgraph.strip import strip
-from dksgraph.train.checkpoint import load_checkpoint
-from dksgraph.train.engine import RunConfig, Trainer
+from dksgraph.train.checkpoint import load_checkpoint, recipe_spec
+from dksgraph.train.engine import Trainer
+from dksgraph.train.runconfig import RunConfig
 
 TOY = {"name": "toy", "backbone": {"model": "toynets:drop_net", "kwargs": {"num_classes": 10},
                                    "input_size": [3, 32, 32]},
-       "train": {"optimizer": {"lr": 0.05}, "schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5}}}
+       "train": {"dataset": "synthetic", "epochs": 2, "batch_size": 16, "optimizer": {"lr": 0.05},
+                 "schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5}}}
+
+
+def toy(**recipe):
+    """The toy spec with recipe overrides (see dksgraph.spec.apply_overrides)."""
+    return apply_overrides(parse_spec(TOY), **recipe)
 
 
 def config(out, **kw):
-    base = dict(method="dks", out=str(out), dataset="synthetic", epochs=2, batch_size=16, limit_train_batches=3,
-                limit_eval_batches=1, log_every=1)
+    base = dict(out=str(out), limit_train_batches=3, limit_eval_batches=1, log_every=1)
     base.update(kw)
     return RunConfig(**base)
 
@@ -53,7 +59,7 @@ def test_one_epoch_per_method_writes_checkpoints_and_metrics(run, tmp_path, meth
 
 
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
-    spec = parse_spec(TOY)
+    spec = toy()
     reference = Trainer(spec, config(tmp_path / "a"))
     reference.fit()
 
@@ -65,18 +71,27 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
         Trainer(spec, config(tmp_path / "b"), on_step=interrupt).fit()
     ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
     assert ckpt["epoch"] == 1
-    resumed = Trainer(parse_spec(ckpt["spec"]), RunConfig.from_dict(ckpt["config"]), resume=ckpt)
+    resumed = Trainer(recipe_spec(ckpt, "b"), RunConfig.from_dict(ckpt["config"]), resume=ckpt)
     resumed.fit()
     a, b = reference.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train/total"] for r in reference.history] == [r["train/total"] for r in resumed.history]
 
 
+def interrupted_run(folder, spec=None, at=(1, 0), **runtime):
+    """A run folder whose last.pt holds the first epoch(s) of a run stopped at step ``at``."""
+    def interrupt(epoch, step):
+        if (epoch, step) == at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(spec or toy(), config(folder, **runtime), on_step=interrupt).fit()
+    return folder / "last.pt"
+
+
 def test_resume_from_the_cli(run, tmp_path):
-    write(tmp_path / "toy.yaml", json.dumps(TOY))
-    args = ["--dataset", "synthetic", "--batch-size", 16, "--limit-train-batches", 2, "--limit-eval-batches", 1]
-    assert run("train", "toy.yaml", "--epochs", 1, "--out", "r", *args).exit_code == 0
-    result = run("train", "--resume", "r/last.pt", "--epochs", 2)
+    interrupted_run(tmp_path / "r")
+    result = run("train", "--resume", "r/last.pt", "--epochs", 2)  # the run's own value: accepted
     assert result.exit_code == 0, result.output
     assert "epochs 2..2" in result.output
     assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 2
@@ -85,8 +100,7 @@ def test_resume_from_the_cli(run, tmp_path):
 
 def test_existing_run_folder_is_refused_without_overwrite(run, tmp_path):
     write(tmp_path / "toy.yaml", json.dumps(TOY))
-    args = ["toy.yaml", "--dataset", "synthetic", "--epochs", 1, "--batch-size", 16, "--limit-train-batches", 1,
-            "--limit-eval-batches", 1, "--out", "r"]
+    args = ["toy.yaml", "--epochs", 1, "--limit-train-batches", 1, "--limit-eval-batches", 1, "--out", "r"]
     assert run("train", *args).exit_code == 0
     before = (tmp_path / "r" / "last.pt").read_bytes()
     refused = run("train", *args)
@@ -101,7 +115,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
             with torch.no_grad():
                 trainer.model.backbone.fc.weight.fill_(float("nan"))
 
-    trainer = Trainer(parse_spec(TOY), config(tmp_path / "n"), on_step=poison)
+    trainer = Trainer(toy(), config(tmp_path / "n"), on_step=poison)
     with pytest.raises(DksError, match=r"NaN or infinite at epoch 2, step 2.*last good checkpoint"):
         trainer.fit()
     assert load_checkpoint(tmp_path / "n" / "last.pt")["epoch"] == 1
@@ -111,8 +125,8 @@ def test_two_process_gloo_ddp_run_strips_bit_exactly(tmp_path):
     write(tmp_path / "toy.yaml", json.dumps(TOY))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "dksgraph", "train", "toy.yaml", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "16",
-           "--limit-train-batches", "3", "--limit-eval-batches", "2", "--out", "ddp", "--device", "cpu"]
+           "-m", "dksgraph", "train", "toy.yaml", "--epochs", "1", "--limit-train-batches", "3", "--limit-eval-batches",
+           "2", "--out", "ddp", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "on cpu x2" in done.stdout
@@ -132,27 +146,28 @@ def test_a_few_steps_on_real_cifar10_lower_the_training_loss(tmp_path):
         tar.extractall(tmp_path / "cifar", members=members, filter="data")
     spec = parse_spec({"backbone": {"model": "zoo:resnet32", "kwargs": {"num_classes": 10},
                                     "input_size": [3, 32, 32]},
-                       "train": {"optimizer": {"lr": 0.05}, "augmentation": "none"}})
-    trainer = Trainer(spec, config(tmp_path / "c", dataset="imagefolder", data_dir=str(tmp_path / "cifar"),
-                                   epochs=4, batch_size=32, limit_train_batches=None, limit_eval_batches=1))
+                       "train": {"optimizer": {"lr": 0.05}, "augmentation": "none", "dataset": "imagefolder",
+                                 "data_dir": str(tmp_path / "cifar"), "epochs": 4, "batch_size": 32}})
+    trainer = Trainer(spec, config(tmp_path / "c", limit_train_batches=None, limit_eval_batches=1))
     history = trainer.fit()
     losses = [r["train/total"] for r in history]
     assert losses[-1] < losses[0] * 0.9, losses
 
 
 def test_warmup_ramps_per_step_and_leaves_the_schedule_alone(tmp_path):
-    spec = parse_spec({**TOY, "train": {"optimizer": {"lr": 0.1},
-                                        "schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5,
-                                                     "warmup_epochs": 1}}})
+    spec = toy(warmup_epochs=1, lr=0.1)
     seen = []
-    trainer = Trainer(spec, config(tmp_path / "w", epochs=2, limit_train_batches=4),
-                      on_step=lambda e, s: seen.append(round(trainer.optimizer.param_groups[0]["lr"], 6)))
+    trainer = Trainer(spec, config(tmp_path / "w", limit_train_batches=4))
+    trainer.on_step = lambda e, s: seen.append(round(trainer.scheduler.get_last_lr()[0], 6))
+    lrs = [round(trainer.optimizer.param_groups[0]["lr"], 6)]
     trainer.fit()
-    assert seen == [0.025, 0.05, 0.075, 0.1, 0.05, 0.05, 0.05, 0.05]
+    # the rate each step used: the first is set before it, each later one after the step before
+    assert lrs + seen[:-1] == [0.025, 0.05, 0.075, 0.1, 0.05, 0.05, 0.05, 0.05]
+    assert [r["lr"] for r in trainer.history] == [0.025, 0.05]
 
 
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
-    trainer = Trainer(parse_spec(TOY), config(tmp_path / "amp", epochs=1, amp="bf16", channels_last=True))
+    trainer = Trainer(toy(epochs=1), config(tmp_path / "amp", amp="bf16", channels_last=True))
     history = trainer.fit()
     assert math.isfinite(history[0]["train/total"])
     strip(tmp_path / "amp" / "last.pt")
@@ -162,4 +177,4 @@ def test_fp16_without_cuda_is_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(DksError, match="needs a CUDA GPU"):
-        Trainer(parse_spec(TOY), config(tmp_path / "x", amp="fp16", device="cpu"))
+        Trainer(toy(), config(tmp_path / "x", amp="fp16", device="cpu"))

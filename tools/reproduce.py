@@ -77,7 +77,7 @@ def main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test
 def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
           dry_run, report_only) -> None:
     gpu_list = _parse_gpus(gpus)
-    grid = grid_lib.apply_overrides(grid_lib.load_grid(grid_file), epochs=epochs, train_subset=train_subset,
+    grid = grid_lib.with_budget(grid_lib.load_grid(grid_file), epochs=epochs, train_subset=train_subset,
                                     test_subset=test_subset, batch_size=batch_size, data_dir=data_dir)
     runs_dir = Path(runs_dir or f"runs/grids/{grid.name}")
     runs = grid_lib.plan(grid, grid_file, runs_dir)

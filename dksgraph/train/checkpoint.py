@@ -44,6 +44,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def link_file(source: str | Path, target: str | Path) -> Path:
+    """Make ``target`` the same file as ``source`` atomically: a hard link (no second write of a large
+    checkpoint), or a copy where the file system has no hard links."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write(target, lambda f: f.write(source.read_bytes()))
+        return target
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` with :func:`atomic_write`'s guarantee."""
     return atomic_write(path, lambda f: torch.save(obj, f))
@@ -53,6 +72,27 @@ def save_checkpoint(path: str | Path, spec, model: torch.nn.Module, **extra: Any
     """Save the model's state_dict and spec (plus training state in ``extra``) as a dksgraph/1 file."""
     payload = {"format": FORMAT, "spec": spec.model_dump(mode="json"), "model": model.state_dict(), **extra}
     return atomic_save(payload, path)
+
+
+# recipe fields that checkpoints of the first release kept in `config` instead of the spec's `train:`
+_LEGACY_RECIPE = ("method", "dataset", "data_dir", "epochs", "batch_size", "seed", "train_subset", "test_subset")
+
+
+def recipe_spec(ckpt: dict[str, Any], source: str):
+    """The spec a checkpoint's run trained with, its whole recipe in ``train:``.
+
+    The first release kept the command-line part of the recipe (method, dataset, epochs, batch size,
+    seed, subsets) in the checkpoint's ``config``; it is folded back into ``train:`` here, so those
+    checkpoints resume and evaluate as they were trained.
+    """
+    from dksgraph.spec import parse_spec
+
+    data = dict(ckpt["spec"])
+    config = ckpt.get("config") or {}
+    legacy = {k: config[k] for k in _LEGACY_RECIPE if k in config}
+    if legacy:
+        data["train"] = {**(data.get("train") or {}), **legacy}
+    return parse_spec(data, source=source)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,18 +1,22 @@
-"""Process-group setup for `torchrun`, and the few collectives training needs.
+"""Process groups under `torchrun`, DDP wrapping, and the few collectives training needs.
 
 Under ``torchrun`` (RANK, WORLD_SIZE and LOCAL_RANK in the environment) :func:`setup` initialises
-the default process group: NCCL when the run uses CUDA, gloo on CPU. Otherwise it is a no-op and
-the run is a world of one. Multi-node runs use ``torchrun --nnodes N --node-rank I
---rdzv-endpoint HOST:PORT ...`` on every node with the same command.
+the default process group: NCCL when the run uses CUDA, gloo on CPU. Even a one-process torchrun
+run is distributed (DDP-wrapped), so one GPU can check the whole path. Without torchrun the run is
+a world of one and every collective here is a no-op. Multi-node runs use ``torchrun --nnodes N
+--node-rank I --rdzv-endpoint HOST:PORT ...`` on every node with the same command.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # by torchrun: the model is DDP-wrapped, even in a world of one
 
     @property
     def is_main(self) -> bool:
@@ -27,13 +32,13 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.launched
 
 
 def from_env() -> World:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
-    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
 def setup(device: torch.device) -> World:
@@ -51,9 +56,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (identity in a world of one)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -65,5 +74,84 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Rank 0 runs the block first (a download, say) while the others wait; yields whether this is rank 0.
+
+    Rank 0 releases the others even when its block fails, so nobody hangs at the barrier.
+    """
+    world = from_env()
+    if _active() and not world.is_main:
+        dist.barrier()
+    try:
+        yield world.is_main
+    finally:
+        if _active() and world.is_main:
+            dist.barrier()
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module) -> None:
+    """Make every rank's buffers equal: floating ones (BatchNorm running statistics) are averaged over
+    ranks, as timm's ``distribute_bn(reduce=True)``, the others (counters) taken from rank 0.
+
+    Called before evaluating and before saving, so that the accuracy a run reports is the saved
+    model's and every rank evaluates the same network.
+    """
+    if not _active():
+        return
+    size = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(size)
+        else:
+            dist.broadcast(buf, 0)
+
+
+def unused_parameters(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+    """Names of the trainable parameters that get no gradient from ``loss`` on a probe batch.
+
+    GoogLeNet's and Inception's auxiliary heads, or any backbone output the loss ignores, never
+    reach it; DDP would wait for their gradients forever. The probe runs in train mode and leaves
+    no trace: buffers (BatchNorm statistics), gradients and RNG states are restored.
+    """
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.zero_grad(set_to_none=True)
+        was_training = model.training
+        model.train()
+        try:
+            loss(model(x), y).total.backward()
+        finally:
+            model.train(was_training)
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(saved[name])
+    return unused
+
+
+def wrap(model: nn.Module, device: torch.device, unused: list[str]) -> tuple[nn.Module, str]:
+    """``model`` in DistributedDataParallel, told to ignore ``unused`` parameters; and a line saying how."""
+    note = "every parameter reaches the loss"
+    options: dict = {}
+    if unused:
+        count = sum(model.get_parameter(n).numel() for n in unused)
+        where = ", ".join(sorted({n.rsplit(".", 2)[0] for n in unused})[:4])
+        ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+        if ignore is not None:
+            ignore(model, unused)
+            how = "DDP ignores them (they keep their values, as in a one-process run)"
+        else:
+            options["find_unused_parameters"] = True
+            how = "DDP runs with find_unused_parameters=True"
+        note = f"{len(unused)} parameter tensors ({count / 1e6:.3f}M, in {where}) never reach the loss; {how}"
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **options), note

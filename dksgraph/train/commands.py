@@ -1,0 +1,216 @@
+"""`dksgraph train` and `dksgraph eval`: the command-line faces of :mod:`dksgraph.train.engine`.
+
+Flags are of two kinds. Recipe flags (``--method``, ``--dataset``, ``--epochs``, ``--lr``, ...) override
+the spec's ``train:`` section through :func:`dksgraph.spec.apply_overrides` and are stored in the
+checkpoint's spec; a resumed run refuses to change them. Runtime flags (``--device``, ``--amp``,
+``--workers``, ``--compile``, limits, ...) form the :class:`~dksgraph.train.engine.RunConfig` and may
+change on every resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import get_args
+
+import click
+
+from dksgraph.errors import DksError
+from dksgraph.spec import DATASETS, METHODS, Schedule
+from dksgraph.train.runconfig import AMP_MODES, DEVICES
+RESUMABLE_RECIPE = ("data_dir",)  # where the data lives may change between machines; what it is may not
+
+
+def _recipe_options(f):
+    options = [
+        click.option("--method", type=click.Choice(METHODS), help="dks: taps + synergy pairs; ds: taps, no pairs "
+                     "(deep supervision); baseline: no taps. Default: the spec's train.method."),
+        click.option("--dataset", type=click.Choice(DATASETS), help="Default: the spec's train.dataset."),
+        click.option("--data-dir", type=click.Path(), help="Where the dataset is (default: the spec's "
+                     "train.data_dir); may change on resume."),
+        click.option("--num-classes", type=click.IntRange(min=1), help="Override the classifier size."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Default: the spec's train.epochs; the LR "
+                     "milestones and step size scale with it."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size (split over processes)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Default: the spec's learning rate."),
+        click.option("--warmup-epochs", type=click.FloatRange(min=0), help="Linear LR warm-up (default: the spec's)."),
+        click.option("--schedule", type=click.Choice(get_args(Schedule)), help="LR decay (default: the spec's)."),
+        click.option("--seed", type=click.IntRange(min=0), help="Default: the spec's train.seed."),
+        click.option("--train-subset", type=click.IntRange(min=1), help="Train on a fixed random subset of N images."),
+        click.option("--test-subset", type=click.IntRange(min=1), help="Score each epoch on a fixed random subset "
+                     "of N test images (the same for every seed)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _runtime_options(f):
+    options = [
+        click.option("--device", type=click.Choice(DEVICES), help="Default: auto (CUDA when PyTorch sees a GPU)."),
+        click.option("--amp", type=click.Choice(AMP_MODES), help="Automatic mixed precision (default: none; fp16 "
+                     "uses a GradScaler and needs CUDA)."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (faster "
+                     "convolutions on recent GPUs)."),
+        click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the training step and "
+                     "the evaluation forward; compile time is reported apart."),
+        click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 0 on CPU; on "
+                     "CUDA the cores per process, at most 16)."),
+        click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm across GPUs under torchrun."),
+        click.option("--data-on-device/--no-data-on-device", default=None, help="Keep a CIFAR-sized dataset on "
+                     "the GPU as uint8 and augment it there (no loader processes)."),
+        click.option("--deterministic/--no-deterministic", default=None, help="Bit-reproducible CUDA kernels: no "
+                     "cuDNN autotuning, no TF32 (slower)."),
+        click.option("--limit-train-batches", type=click.IntRange(min=1), help="At most N training batches per "
+                     "epoch."),
+        click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches per "
+                     "epoch."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False), required=False)
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this last.pt exactly (runtime "
+              "flags may change, recipe flags may not).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<spec name>-<method>).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
+@_recipe_options
+@_runtime_options
+def train(spec_path, resume, out, overwrite, **flags) -> None:
+    """Train the spec's backbone with DKS (or DS / the plain baseline) on CPU, a GPU, or DDP via torchrun.
+
+    \b
+      dksgraph train specs/resnet32.yaml --method dks --out runs/r32-dks
+      dksgraph train --resume runs/r32-dks/last.pt --device cpu
+      torchrun --nproc-per-node 8 -m dksgraph train specs/resnet50.yaml --amp bf16 --channels-last
+    """
+    from dksgraph.spec import apply_overrides, load_spec
+    from dksgraph.summary import format_table
+    from dksgraph.train import distributed
+    from dksgraph.train.checkpoint import load_checkpoint, recipe_spec
+    from dksgraph.train.engine import Trainer, prepare_run_folder
+    from dksgraph.train.runconfig import RunConfig
+    from dksgraph.train.metrics import SUMMARY_HEADERS, summary_rows
+
+    runtime_names = {f.name for f in fields(RunConfig)}
+    runtime = {k: v for k, v in flags.items() if k in runtime_names and v is not None}
+    recipe = {k: v for k, v in flags.items() if k not in runtime_names and v is not None}
+    ckpt = None
+    if resume:
+        if spec_path or out:
+            raise DksError("`--resume` continues the run in the checkpoint's own folder with its own spec; drop the "
+                           "SPEC argument and `--out`.")
+        ckpt = load_checkpoint(resume)
+        if "optimizer" not in ckpt:
+            raise DksError(f"`{resume}` is an untrained checkpoint with no training state; start a run from its "
+                           "spec instead of resuming it.")
+        spec = recipe_spec(ckpt, f"{resume} (its spec)")
+        changed = [k for k, v in recipe.items()
+                   if k not in RESUMABLE_RECIPE and apply_overrides(spec, **{k: v}) != spec]
+        if changed:
+            named = ", ".join(f"`--{k.replace('_', '-')} {recipe[k]}`" for k in changed)
+            raise DksError(
+                f"{named} would change the recipe of the run in `{resume}` halfway through, so its result would "
+                "match neither recipe. A resumed run keeps the flags that decide its data and optimisation (method, "
+                "dataset, epochs, batch size, learning rate, schedule, seed, subsets, classes); runtime flags "
+                "(device, AMP, workers, compile, limits) may change. Drop those flags, or start a new run with them."
+            )
+        spec = apply_overrides(spec, data_dir=recipe.get("data_dir"))
+        config = replace(RunConfig.from_dict(ckpt.get("config") or {}), **runtime, out=str(Path(resume).parent))
+    else:
+        if spec_path is None:
+            raise DksError("give a spec file (e.g. `dksgraph train specs/resnet32.yaml`) or `--resume last.pt`.")
+        spec = apply_overrides(load_spec(spec_path), source=spec_path, **recipe)
+        config = RunConfig(out=out or f"runs/{spec.display_name}-{spec.train.method}", **runtime)
+        if distributed.from_env().is_main:
+            prepare_run_folder(Path(config.out), overwrite)
+    trainer = Trainer(spec, config, resume=ckpt)
+    try:
+        if trainer.world.is_main:
+            data = ("on the device" if config.data_on_device else
+                    f"DataLoader, {trainer.train_batches.loader.num_workers} workers")
+            click.echo(f"training {spec.display_name} ({trainer.recipe.method}) on {trainer.device} "
+                       f"x{trainer.world.size}: {trainer.train_batches.num_images} train / "
+                       f"{trainer.test_batches.num_images} test images ({data}), epochs "
+                       f"{trainer.epoch + 1}..{trainer.recipe.epochs}, run folder {config.out}")
+            for note in trainer.notes:
+                click.echo(f"  {note}")
+        try:
+            history = trainer.fit()
+        except KeyboardInterrupt:
+            if trainer.world.is_main:
+                click.echo(f"\ninterrupted; continue with: dksgraph train --resume {Path(config.out) / 'last.pt'}",
+                           err=True)
+            raise SystemExit(130) from None
+        if trainer.world.is_main and history:
+            click.echo(format_table(summary_rows(history, trainer.loss_fn.classifiers + ["ensemble"]),
+                                    SUMMARY_HEADERS))
+            click.echo(f"checkpoints: {Path(config.out) / 'last.pt'}, {Path(config.out) / 'best.pt'}; "
+                       f"metrics: {Path(config.out) / 'metrics.csv'}")
+    finally:
+        distributed.teardown()
+
+
+@click.command(name="eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--dataset", type=click.Choice(DATASETS), help="Default: the dataset the run trained on.")
+@click.option("--data-dir", type=click.Path(), help="Default: the run's data folder.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(AMP_MODES), default="none", show_default=True,
+              help="Evaluate under autocast; full precision by default, whatever the run trained with.")
+@click.option("--channels-last", is_flag=True, help="NHWC memory format.")
+@click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 0 on CPU).")
+@click.option("--data-on-device", is_flag=True, help="Decode the test set once onto the device (CIFAR-sized data).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the accuracies to this JSON file.")
+def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, device, amp, channels_last, workers,
+             data_on_device, json_out) -> None:
+    """Top-1 / top-5 accuracy of every classifier of a checkpoint, and of their ensemble, on the whole test set.
+
+    Only the model and the test set are built; any checkpoint evaluates on any machine (a run
+    trained with `--amp fp16` on GPUs evaluates on a CPU).
+    """
+    import torch
+
+    from dksgraph.augment import augment
+    from dksgraph.spec import apply_overrides
+    from dksgraph.strip import load_augmented_state
+    from dksgraph.summary import format_table
+    from dksgraph.train import distributed
+    from dksgraph.train.checkpoint import atomic_write, load_checkpoint, recipe_spec
+    from dksgraph.train.runconfig import RunConfig
+    from dksgraph.train.engine import (batches_for, check_amp, configure_backends, evaluate as run_eval,
+                                       resolve_device, run_spec)
+
+    ckpt = load_checkpoint(checkpoint)
+    spec = run_spec(apply_overrides(recipe_spec(ckpt, f"{checkpoint} (its spec)"), dataset=dataset, data_dir=data_dir))
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"test_subset": None})})
+    config = RunConfig(device=device, amp=amp, channels_last=channels_last, workers=workers,
+                       data_on_device=data_on_device)
+    target = resolve_device(device)
+    check_amp(amp, target)
+    configure_backends(target, deterministic=False)
+    model = augment(spec)
+    load_augmented_state(model, ckpt["model"], checkpoint)
+    model.to(target)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    batches = batches_for(spec, "test", batch_size, config, target, distributed.World())
+    record = run_eval(model, batches, model.classifiers, amp=amp, steps=limit_eval_batches)
+    names = [*model.classifiers, "ensemble"]
+    rows = [[n, f"{record[f'test/acc1/{n}']:.2f}", f"{record[f'test/acc5/{n}']:.2f}"]
+            for n in names if f"test/acc1/{n}" in record]
+    click.echo(f"{spec.display_name} ({spec.train.method}), epoch {ckpt.get('epoch', '?')}, {spec.train.dataset} "
+               f"test set ({batches.num_images} images{f', first {limit_eval_batches} batches' if limit_eval_batches else ''}"
+               f") on {target}{f', {amp} autocast' if amp != 'none' else ''}:")
+    click.echo(format_table(rows, ["classifier", "top-1 %", "top-5 %"]))
+    if json_out:
+        record.update({"epoch": ckpt.get("epoch"), "images": batches.num_images, "dataset": spec.train.dataset,
+                       "limit_eval_batches": limit_eval_batches})
+        atomic_write(json_out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+        click.echo(f"wrote {json_out}")
