@@ -1,15 +1,17 @@
 # make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
 # make test  - fresh venv, install, the test suite (timm and matplotlib included)
 # make reproduce-cpu - the 2-hour baseline/DS/DKS grid on the shared CIFAR-10 (docs/results/cpu_cifar10)
+# make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for offline GPU servers
+# make gpu-check  - on a machine with one CUDA GPU: cuda tests, throughput, evidence run (tools/gpu_check.sh)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The PyTorch build to install first; any torch>=2.2 / torchvision>=0.17 pair works.
+# The PyTorch build to install first; any torch>=2.3 / torchvision>=0.18 pair works.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: install demo test bench reproduce-cpu clean
+.PHONY: install demo test bench reproduce-cpu wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +36,12 @@ data/cifar10: $(CIFAR)
 
 reproduce-cpu: install data/cifar10
 	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10.yaml --report-dir docs/results/cpu_cifar10
+
+wheels:
+	$(PYTHON) tools/wheels.py --dest wheels
+
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf demo .pytest_cache build *.egg-info

@@ -20,6 +20,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """The suite means the same on every machine: only tests marked `cuda` see a GPU (their processes too)."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def run(tmp_path, monkeypatch):
     """Run the CLI in a temporary working directory; returns click's Result."""

@@ -1,5 +1,7 @@
 """Small backbones for tests: a block family without a dksgraph builder, and an untraceable net."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -108,3 +110,32 @@ class TreeNet(nn.Module):
 
 def tree_net(num_classes: int = 10) -> TreeNet:
     return TreeNet(num_classes)
+
+
+class RecordingDropout(nn.Dropout):
+    """Dropout that appends each training mask (as 0/1 string) to $DKS_TEST_RECORD/rank$RANK.txt."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        folder = os.environ.get("DKS_TEST_RECORD")
+        if self.training and folder:
+            mask = "".join("0" if v == 0 else "1" for v in out.flatten()[:64].tolist())
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.txt"), "a") as f:
+                f.write(mask + "\n")
+        return out
+
+
+def recording_drop_net(num_classes: int = 10) -> DropNet:
+    net = DropNet(num_classes)
+    net.drop = RecordingDropout(0.5)
+    return net
+
+
+class CountingBatchNorm(nn.BatchNorm2d):
+    """A user's replacement module that counts its calls."""
+
+    calls = 0
+
+    def forward(self, x):
+        CountingBatchNorm.calls += 1
+        return super().forward(x)

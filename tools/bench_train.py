@@ -1,7 +1,9 @@
-"""Benchmark: training step time of baseline / DS / DKS per backbone, against the FLOPs the branches add.
+"""Benchmark: training step time of baseline / DS / DKS per backbone, against the FLOPs the branches add;
+and (``--throughput``) end-to-end training images/s through dksgraph's own loop and data paths.
 
     python tools/bench_train.py                   # zoo:resnet32 (batch 64) and torchvision:resnet18 (224, batch 16)
     python tools/bench_train.py --steps 20 --json
+    python tools/bench_train.py --throughput --device cuda       # the GPU table of the README
 
 For each backbone, the three methods' models are built from the spec in `specs/` and stepped in
 turn on random data (forward, SynergyLoss, backward, SGD step), ``--steps`` rounds after a
@@ -47,14 +49,14 @@ class Setup:
         from dksgraph.loss import SynergyLoss
         from dksgraph.spec import load_spec
         from dksgraph.summary import flops
+        from dksgraph.spec import apply_overrides
         from dksgraph.train.engine import run_spec
 
         spec_file, size, batch = BACKBONES[backbone]
-        spec = load_spec(ROOT / "specs" / spec_file)
-        spec = spec.model_copy(update={"backbone": spec.backbone.model_copy(update={"input_size": (3, size, size)})})
+        spec = apply_overrides(load_spec(ROOT / "specs" / spec_file), input_size=(3, size, size), method=method)
         torch.manual_seed(0)
         self.device, self.batch, self.size = device, batch, size
-        self.model = augment(run_spec(spec, method))
+        self.model = augment(run_spec(spec))
         one = torch.zeros(1, 3, size, size)
         self.flops_ratio = flops(self.model, one) / flops(self.model.backbone, one)
         self.model.to(device)
@@ -121,16 +123,139 @@ def peak_memory(backbone: str, method: str, device_name: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ------------------------------------------------------------------------------------------------ throughput
+
+class CifarLike(torch.utils.data.Dataset):
+    """Random uint8 images kept in memory and served as torchvision's CIFAR10 serves them (PIL, then the
+    transform), so the DataLoader path does the work it does on the real dataset."""
+
+    def __init__(self, n: int, transform) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen).numpy()
+        self.labels = torch.randint(0, 10, (n,), generator=gen).tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class FixedBatches:
+    """The same uint8 batch over and over, already on the device (data loading out of the picture)."""
+
+    def __init__(self, batch: int, size: int, classes: int, normalize, device) -> None:
+        self.x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+        self.y = torch.randint(0, classes, (batch,), device=device)
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __iter__(self):
+        while True:
+            yield self.normalize(self.x), self.y
+
+
+THROUGHPUT = [  # (spec, input size, batch, data paths)
+    ("resnet32.yaml", 32, 128, ("loader", "device")),
+    ("resnet50.yaml", 224, 128, ("synthetic",)),
+]
+
+
+def throughput(spec_file: str, size: int, batch: int, method: str, data: str, compile_: bool, device: torch.device,
+               steps: int, images: int, workers: int | None) -> dict:
+    """Images/s of dksgraph's own training loop (bf16 autocast, channels-last) for one configuration."""
+    from dksgraph.augment import augment
+    from dksgraph.loss import SynergyLoss
+    from dksgraph.spec import apply_overrides, load_spec
+    from dksgraph.train import device_data
+    from dksgraph.train import optim as optim_lib
+    from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, transforms_for
+    from dksgraph.train.engine import configure_backends, run_spec, train_one_epoch
+
+    spec = apply_overrides(load_spec(ROOT / "specs" / spec_file), input_size=(3, size, size), method=method,
+                           num_classes=10, batch_size=batch)
+    configure_backends(device, deterministic=False)
+    torch.manual_seed(0)
+    model = augment(run_spec(spec)).to(device).to(memory_format=torch.channels_last)
+    loss_fn = SynergyLoss.for_model(model, method).to(device)
+    optimizer, scheduler = optim_lib.build(spec.train, model.parameters(), 1, steps)
+    normalize = Normalizer((0.5,) * 3, (0.25,) * 3, device, channels_last=True)
+    workers = default_workers(device) if workers is None else workers
+    if data == "synthetic":
+        batches = FixedBatches(batch, size, 10, normalize, device)
+    elif data == "loader":
+        dataset = CifarLike(images, transforms_for("cifar", (3, size, size), train=True))
+        batches = LoaderBatches(dataset, batch, ShardSampler(len(dataset)), normalize, device, workers, train=True)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+        labels = torch.randint(0, 10, (images,), generator=gen).to(device)
+        batches = device_data.DeviceBatches(pixels, labels, batch, normalize, train=True, augmentation="cifar")
+    net = torch.compile(model) if compile_ else model
+    common = dict(scheduler=scheduler, amp="bf16", progress=False)
+    warm = train_one_epoch(net, loss_fn, optimizer, batches, steps=3, **common)  # compile, autotune, workers
+    timed = train_one_epoch(net, loss_fn, optimizer, batches, steps=steps, epoch=1, **common)
+    return {"backbone": spec.backbone.model, "input": size, "batch": batch, "method": method, "data": data,
+            "workers": workers if data == "loader" else 0, "compile": compile_, "images_per_s": timed["train/images_per_s"],
+            "first_step_s": warm["train/first_step_s"]}
+
+
+def throughput_table(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for spec_file, size, batch, paths in THROUGHPUT:
+        batch = args.batch or batch
+        for data in paths:
+            for compile_ in {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]:
+                for method in METHODS:
+                    rows.append(throughput(spec_file, size, batch, method, data, compile_, device, args.steps,
+                                           args.images, args.workers))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--throughput", action="store_true", help="end-to-end images/s of the training loop: "
+                        "ResNet-32 (DataLoader vs on-device data) and ResNet-50 at 224 (synthetic), bf16 + "
+                        "channels-last, with and without torch.compile")
+    parser.add_argument("--batch", type=int, help="with --throughput: override every batch size (e.g. a quick check)")
+    parser.add_argument("--images", type=int, default=50_000, help="with --throughput: CIFAR-sized images in memory")
+    parser.add_argument("--workers", type=int, help="with --throughput: loader processes (default: dksgraph's)")
+    parser.add_argument("--compile", choices=["both", "off", "on"], default="both",
+                        help="with --throughput: rows without and/or with torch.compile")
+    parser.add_argument("--save", metavar="PREFIX", help="with --throughput: also write PREFIX.json and PREFIX.md")
     parser.add_argument("--worker", nargs=2, metavar=("BACKBONE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(peak_memory(*args.worker, args.device)))
+        return
+    if args.throughput:
+        rows = throughput_table(args)
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        result = {"device": name, "torch": torch.__version__, "steps": args.steps, "rows": rows}
+        from dksgraph.summary import format_table
+
+        text = "\n".join([
+            f"{name}, torch {torch.__version__}, bf16 autocast + channels-last, {args.steps} timed steps after 3 "
+            "warm-up steps (compilation and autotuning land in the warm-up)", "",
+            format_table([[r["backbone"], r["input"], r["batch"], r["method"], r["data"], r["workers"],
+                           "yes" if r["compile"] else "no", f"{r['images_per_s']:.0f}", f"{r['first_step_s']:.1f}"]
+                          for r in rows], ["backbone", "input", "batch", "method", "data", "workers", "compile",
+                                           "img/s", "first step s"])])
+        if args.save:
+            Path(args.save + ".json").write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.save + ".md").write_text("```\n" + text + "\n```\n")
+        print(json.dumps(result, indent=2) if args.json else text)
         return
     rows = []
     for backbone in args.backbones:

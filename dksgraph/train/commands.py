@@ -121,6 +121,9 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
             )
         spec = apply_overrides(spec, data_dir=recipe.get("data_dir"))
         config = replace(RunConfig.from_dict(ckpt.get("config") or {}), **runtime, out=str(Path(resume).parent))
+        if config.amp == "fp16" and "amp" not in runtime and (config.device == "cpu" or not _has_cuda()):
+            raise DksError(f"the run in `{resume}` trained with `--amp fp16`, which needs a CUDA GPU; to continue it "
+                           "here add `--amp bf16` or `--amp none` (runtime settings may change on resume).")
     else:
         if spec_path is None:
             raise DksError("give a spec file (e.g. `dksgraph train specs/resnet32.yaml`) or `--resume last.pt`.")
@@ -153,6 +156,12 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
                        f"metrics: {Path(config.out) / 'metrics.csv'}")
     finally:
         distributed.teardown()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @click.command(name="eval")

@@ -144,7 +144,8 @@ def wrap(model: nn.Module, device: torch.device, unused: list[str]) -> tuple[nn.
     options: dict = {}
     if unused:
         count = sum(model.get_parameter(n).numel() for n in unused)
-        where = ", ".join(sorted({n.rsplit(".", 2)[0] for n in unused})[:4])
+        modules = sorted({".".join(n.split(".")[:2]) for n in unused})
+        where = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
         ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
         if ignore is not None:
             ignore(model, unused)

@@ -201,14 +201,14 @@ def batches_for(spec: Spec, split: str, batch_size: int, config: RunConfig, devi
     num_classes = int(spec.backbone.kwargs.get("num_classes", 1000))
     input_size = spec.backbone.input_size
     is_train = split == "train"
+    if config.data_on_device and train.augmentation not in device_data.AUGMENTATIONS:
+        raise DksError(
+            f"`--data-on-device` reproduces the {' and '.join(device_data.AUGMENTATIONS)} pipelines of "
+            f"CIFAR-sized data, not `augmentation: {train.augmentation}`; leave it off for this recipe.")
     dataset, _ = load_split(train, input_size, num_classes, split, transform=not config.data_on_device)
     normalize = Normalizer(*stats_for(train), device, config.channels_last)
     workers = default_workers(device) if config.workers is None else config.workers
     if config.data_on_device:
-        if train.augmentation not in device_data.AUGMENTATIONS:
-            raise DksError(
-                f"`--data-on-device` reproduces the {' and '.join(device_data.AUGMENTATIONS)} pipelines of "
-                f"CIFAR-sized data, not `augmentation: {train.augmentation}`; leave it off for this recipe.")
         images, labels = device_data.decode(dataset, input_size, device, workers)
         return device_data.DeviceBatches(images, labels, batch_size, normalize, train=is_train,
                                          augmentation=train.augmentation, seed=train.seed, rank=world.rank,
