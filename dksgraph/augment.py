@@ -52,6 +52,13 @@ class AugmentedModel(nn.Module):
             programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans])
         self.__dict__["_programs"] = programs
 
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        for program in self.__dict__["_programs"].values():  # the programs' own constants move along
+            for name in program.__dict__["_constants"]:
+                program.__dict__[name] = fn(program.__dict__[name])
+        return result
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         result, *features = self.__dict__["_programs"][self.training](x)
         logits = {MAIN: main_logits(result)}
@@ -96,11 +103,13 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.Gr
         features.append(node)
     new.output((out, *features))
     program = fx.GraphModule(backbone, new, class_name="TapProgram")
-    # a view, not a copy, of the backbone's module tree: the program looks its submodules, parameters and
-    # buffers up in the backbone's own tables at every call, so a module swapped in later
-    # (SyncBatchNorm.convert_sync_batchnorm, a user's replacement, `.to()`) is the one that runs
+    # tensors FX found in the forward code (constants) belong to the program; everything else is a view, not
+    # a copy, of the backbone's module tree: the program looks its submodules, parameters and buffers up in
+    # the backbone's own tables at every call, so a module swapped in later (SyncBatchNorm's
+    # convert_sync_batchnorm, a user's replacement, `.to()`) is the one that runs
+    constants = {k: v for k, v in program._buffers.items() if k not in backbone._buffers}
     program.__dict__.update(_modules=backbone._modules, _parameters=backbone._parameters,
-                            _buffers=backbone._buffers)
+                            _buffers=backbone._buffers, _constants=tuple(constants), **constants)
     return program
 
 
