@@ -209,6 +209,8 @@ def throughput_table(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for spec_file, size, batch, paths in THROUGHPUT:
+        if args.specs and spec_file.removesuffix(".yaml") not in args.specs:
+            continue
         batch = args.batch or batch
         for data in paths:
             for compile_ in {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]:
@@ -231,6 +233,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="with --throughput: override every batch size (e.g. a quick check)")
     parser.add_argument("--images", type=int, default=50_000, help="with --throughput: CIFAR-sized images in memory")
     parser.add_argument("--workers", type=int, help="with --throughput: loader processes (default: dksgraph's)")
+    parser.add_argument("--specs", nargs="*", help="with --throughput: only these rows (resnet32, resnet50)")
     parser.add_argument("--compile", choices=["both", "off", "on"], default="both",
                         help="with --throughput: rows without and/or with torch.compile")
     parser.add_argument("--save", metavar="PREFIX", help="with --throughput: also write PREFIX.json and PREFIX.md")
