@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def augment(spec, backbone=None):
     """Build the backbone of ``spec`` (or use ``backbone``) and return its AugmentedModel."""
-    from dksgraph.augment import augment as _augment
+    from dksgraph.augmented import augment as _augment
 
     return _augment(spec, backbone)
 

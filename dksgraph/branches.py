@@ -1,9 +1,12 @@
-"""Branch builders: the paper's downsampling-count rule turned into auxiliary classifier modules.
+"""Branches: the paper's downsampling-count rule turned into auxiliary classifier modules, plan first.
 
-A branch at tap t has one stage per downsampling between t and the final feature map f
-(d(f) - d(t) stages). Branch stage i reproduces the backbone stage at count d(t)+i+1 with the
-same building-block type, first block strided, ``depth[i]`` blocks and ``width[i]`` x channels,
-then ends with a fresh copy of the backbone's head resized to the branch's channels.
+:func:`plan_branch` is the one place that decides a branch: a branch at tap t has one stage per
+downsampling between t and the final feature map f (d(f) - d(t) stages, the backbone stages that
+``Traced.branch_stages`` names); stage i reproduces the backbone stage at count d(t)+i+1 with the
+same building-block type, first block strided, ``depth[i]`` blocks and ``width[i]`` x channels. The
+plan says which family builds each stage and every stage's shape; the summary, the render and
+:func:`build_branch` read it. The built branch ends with a fresh copy of the backbone's head resized
+to the branch's channels.
 
 Block families with a builder honour ``width``; any other family falls back to fresh copies of
 the backbone's own blocks (re-initialised), where ``width`` must stay 1.0.
@@ -13,9 +16,10 @@ Example::
     >>> from dksgraph.graph import trace
     >>> from dksgraph.models.cifar_resnet import resnet32
     >>> t = trace(resnet32(), (3, 32, 32))
-    >>> plan, branch = make_branch(t, "c2", t.resolve("layer2"), depth=[5], width=[2.0])
-    >>> plan.describe()
-    'CifarBasicBlock x5 @128'
+    >>> plan = plan_branch(t, "c2", t.resolve("layer2"), depth=[5], width=[2.0])
+    >>> plan.describe(), plan.out_shape
+    ('CifarBasicBlock x5 @128', (128, 8, 8))
+    >>> branch = build_branch(t, plan)
 """
 
 from __future__ import annotations
@@ -27,33 +31,43 @@ import torch
 from torch import Tensor, nn
 
 from dksgraph.errors import GraphError
+from dksgraph.formatting import fmt_shape
 from dksgraph.graph import Stage, Traced
 from dksgraph.head import build_head, fresh_copy
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One branch stage: which backbone stage it copies and how big it is."""
+    """One branch stage: which backbone stage it copies, who builds it, and its size."""
 
     d: int
     source: str
+    family: str | None  # the builder family; None: fresh copies of the backbone's own blocks
     block: str
     depth: int
     width: float
-    in_channels: int
-    out_channels: int
-    generic: bool
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def generic(self) -> bool:
+        return self.family is None
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_shape[0]
 
 
 @dataclass(frozen=True)
 class BranchPlan:
-    """Everything about one auxiliary classifier that the summary, render and strip need."""
+    """Everything about one auxiliary classifier, decided before anything is built."""
 
     label: str
     node: str
     tap: str
     d: int
     alpha: float
+    reason: str
     stages: tuple[StagePlan, ...]
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -81,11 +95,13 @@ class Branch(nn.Module):
 
 @dataclass(frozen=True)
 class Family:
-    """A block family dksgraph can rebuild at any width: which blocks, their default depth, the builder."""
+    """A block family dksgraph can rebuild at any width: which blocks, the output channels of a stage
+    of ``depth`` blocks at ``width``, and the builder (which must give exactly those channels)."""
 
     name: str
     matches: Callable[[nn.Module], bool]
-    build: Callable[[Stage, int, int, float], tuple[list[nn.Module], int]]
+    channels: Callable[[Stage, int, int, float], int]
+    build: Callable[[Stage, int, int, float], list[nn.Module]]
     count: Callable[[Stage], int] | None = None
 
 
@@ -93,50 +109,68 @@ def _family_blocks(stage: Stage, family: Family) -> list[nn.Module]:
     return [b.module for b in stage.blocks if family.matches(b.module)]
 
 
-def _build_spawn(stage: Stage, in_ch: int, depth: int, width: float) -> tuple[list[nn.Module], int]:
+def _spawners(stage: Stage) -> list[nn.Module]:
+    return [b.module for b in stage.blocks if hasattr(b.module, "spawn")]
+
+
+def _spawn_channels(stage: Stage, in_ch: int, depth: int, width: float) -> int:
+    return max(1, round(_spawners(stage)[-1].out_channels * width))
+
+
+def _build_spawn(stage: Stage, in_ch: int, depth: int, width: float) -> list[nn.Module]:
     """zoo blocks (CifarBasicBlock, PreActBlock, DepthwiseSeparable) know how to spawn a sibling."""
-    own = [b.module for b in stage.blocks if hasattr(b.module, "spawn")]
-    out = max(1, round(own[-1].out_channels * width))
-    blocks = [own[0].spawn(in_ch, out, own[0].stride)]
-    blocks += [own[-1].spawn(out, out, 1) for _ in range(depth - 1)]
-    return blocks, out
+    own = _spawners(stage)
+    out = _spawn_channels(stage, in_ch, depth, width)
+    return [own[0].spawn(in_ch, out, own[0].stride)] + [own[-1].spawn(out, out, 1) for _ in range(depth - 1)]
 
 
-def _build_torchvision_resnet(stage: Stage, in_ch: int, depth: int, width: float) -> tuple[list[nn.Module], int]:
+def _tv_resnet_geometry(stage: Stage, width: float) -> tuple[type, int, dict]:
     from torchvision.models.resnet import Bottleneck
 
-    own = [b.module for b in stage.blocks if _is_tv_resnet(b.module)]
-    cls = type(own[-1])
-    template = own[-1]
+    template = [b.module for b in stage.blocks if _is_tv_resnet(b.module)][-1]
+    cls = type(template)
     if cls is Bottleneck:
         planes = template.conv3.out_channels // cls.expansion
         groups = template.conv2.groups
-        base_width = template.conv2.in_channels * 64 // (planes * groups)
-        extra = {"groups": groups, "base_width": base_width}
+        extra = {"groups": groups, "base_width": template.conv2.in_channels * 64 // (planes * groups)}
     else:
-        planes = template.conv2.out_channels
-        extra = {}
-    planes = max(1, round(planes * width))
+        planes, extra = template.conv2.out_channels, {}
+    return cls, max(1, round(planes * width)), extra
+
+
+def _tv_resnet_channels(stage: Stage, in_ch: int, depth: int, width: float) -> int:
+    cls, planes, _ = _tv_resnet_geometry(stage, width)
+    return planes * cls.expansion
+
+
+def _build_torchvision_resnet(stage: Stage, in_ch: int, depth: int, width: float) -> list[nn.Module]:
+    cls, planes, extra = _tv_resnet_geometry(stage, width)
     out = planes * cls.expansion
-    stride = own[0].stride
+    stride = next(b.module for b in stage.blocks if _is_tv_resnet(b.module)).stride
     downsample = None
     if stride != 1 or in_ch != out:
         downsample = nn.Sequential(nn.Conv2d(in_ch, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-    blocks = [cls(in_ch, planes, stride, downsample, **extra)]
-    blocks += [cls(out, planes, **extra) for _ in range(depth - 1)]
-    return blocks, out
+    return [cls(in_ch, planes, stride, downsample, **extra)] + [cls(out, planes, **extra) for _ in range(depth - 1)]
 
 
-def _build_inverted_residual(stage: Stage, in_ch: int, depth: int, width: float) -> tuple[list[nn.Module], int]:
+def _inverted_residuals(stage: Stage) -> list:
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    own = [b for b in stage.blocks if type(b.module) is InvertedResidual]
-    template = own[-1]
-    ratio = _expand_ratio(template.module, template.in_shape[0])
-    out = max(1, round(template.module.out_channels * width))
-    blocks = [InvertedResidual(in_ch, out, own[0].module.stride, _expand_ratio(own[0].module, own[0].in_shape[0]))]
-    blocks += [InvertedResidual(out, out, 1, ratio) for _ in range(depth - 1)]
-    return blocks, out
+    return [b for b in stage.blocks if type(b.module) is InvertedResidual]
+
+
+def _ir_channels(stage: Stage, in_ch: int, depth: int, width: float) -> int:
+    return max(1, round(_inverted_residuals(stage)[-1].module.out_channels * width))
+
+
+def _build_inverted_residual(stage: Stage, in_ch: int, depth: int, width: float) -> list[nn.Module]:
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    own = _inverted_residuals(stage)
+    out = _ir_channels(stage, in_ch, depth, width)
+    ratio = _expand_ratio(own[-1].module, own[-1].in_shape[0])
+    first = InvertedResidual(in_ch, out, own[0].module.stride, _expand_ratio(own[0].module, own[0].in_shape[0]))
+    return [first] + [InvertedResidual(out, out, 1, ratio) for _ in range(depth - 1)]
 
 
 def _expand_ratio(block: nn.Module, in_ch: int) -> float:
@@ -147,30 +181,48 @@ def _expand_ratio(block: nn.Module, in_ch: int) -> float:
     return hidden / in_ch
 
 
-def _build_zoo_densenet(stage: Stage, in_ch: int, depth: int, width: float) -> tuple[list[nn.Module], int]:
+def _zoo_dense_geometry(stage: Stage, in_ch: int, width: float) -> tuple[int, int, nn.Module]:
     from dksgraph.models.densenet import DenseLayer, Transition
 
     transition = next(b.module for b in stage.blocks if isinstance(b.module, Transition))
     layer = next(b.module for b in stage.blocks if isinstance(b.module, DenseLayer))
-    trans_out = int(in_ch * transition.out_channels / transition.in_channels)
-    growth = max(1, round(layer.growth * width))
-    blocks: list[nn.Module] = [Transition(in_ch, trans_out)]
-    blocks += [DenseLayer(trans_out + i * growth, growth, layer.bottleneck) for i in range(depth)]
-    return blocks, trans_out + depth * growth
+    return int(in_ch * transition.out_channels / transition.in_channels), max(1, round(layer.growth * width)), layer
 
 
-def _build_torchvision_densenet(stage: Stage, in_ch: int, depth: int, width: float) -> tuple[list[nn.Module], int]:
+def _zoo_dense_channels(stage: Stage, in_ch: int, depth: int, width: float) -> int:
+    trans_out, growth, _ = _zoo_dense_geometry(stage, in_ch, width)
+    return trans_out + depth * growth
+
+
+def _build_zoo_densenet(stage: Stage, in_ch: int, depth: int, width: float) -> list[nn.Module]:
+    from dksgraph.models.densenet import DenseLayer, Transition
+
+    trans_out, growth, layer = _zoo_dense_geometry(stage, in_ch, width)
+    return [Transition(in_ch, trans_out)] + [DenseLayer(trans_out + i * growth, growth, layer.bottleneck)
+                                             for i in range(depth)]
+
+
+def _tv_dense_geometry(stage: Stage, in_ch: int, width: float) -> tuple[int, int, nn.Module]:
     from torchvision.models.densenet import _DenseBlock, _Transition
 
     transition = next(b.module for b in stage.blocks if isinstance(b.module, _Transition))
-    dense = next(b.module for b in stage.blocks if isinstance(b.module, _DenseBlock))
-    layer = next(iter(dense.values()))
-    growth = layer.conv2.out_channels
-    bn_size = layer.conv1.out_channels // growth
+    layer = next(iter(next(b.module for b in stage.blocks if isinstance(b.module, _DenseBlock)).values()))
     trans_out = int(in_ch * transition.conv.out_channels / transition.conv.in_channels)
-    new_growth = max(1, round(growth * width))
-    block = _DenseBlock(depth, trans_out, bn_size, new_growth, float(layer.drop_rate), layer.memory_efficient)
-    return [_Transition(in_ch, trans_out), block], trans_out + depth * new_growth
+    return trans_out, max(1, round(layer.conv2.out_channels * width)), layer
+
+
+def _tv_dense_channels(stage: Stage, in_ch: int, depth: int, width: float) -> int:
+    trans_out, growth, _ = _tv_dense_geometry(stage, in_ch, width)
+    return trans_out + depth * growth
+
+
+def _build_torchvision_densenet(stage: Stage, in_ch: int, depth: int, width: float) -> list[nn.Module]:
+    from torchvision.models.densenet import _DenseBlock, _Transition
+
+    trans_out, growth, layer = _tv_dense_geometry(stage, in_ch, width)
+    bn_size = layer.conv1.out_channels // layer.conv2.out_channels
+    block = _DenseBlock(depth, trans_out, bn_size, growth, float(layer.drop_rate), layer.memory_efficient)
+    return [_Transition(in_ch, trans_out), block]
 
 
 def _is_tv_resnet(m: nn.Module) -> bool:
@@ -187,28 +239,24 @@ def _is_type(module_path: str, name: str) -> Callable[[nn.Module], bool]:
     return check
 
 
-def _is_zoo_dense(m: nn.Module) -> bool:
-    return _is_type("dksgraph.models.densenet", "DenseLayer")(m)
+_is_tv_dense = _is_type("torchvision.models.densenet", "_DenseBlock")
 
-
-def _is_tv_dense(m: nn.Module) -> bool:
-    return _is_type("torchvision.models.densenet", "_DenseBlock")(m)
-
-
-FAMILIES: list[Family] = [
-    Family("zoo", lambda m: hasattr(m, "spawn") and hasattr(m, "out_channels"), _build_spawn),
-    Family("torchvision resnet", _is_tv_resnet, _build_torchvision_resnet),
-    Family("inverted residual", _is_type("torchvision.models.mobilenetv2", "InvertedResidual"), _build_inverted_residual),
-    Family("densenet", _is_zoo_dense, _build_zoo_densenet),
-    Family("torchvision densenet", _is_tv_dense, _build_torchvision_densenet,
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("zoo", lambda m: hasattr(m, "spawn") and hasattr(m, "out_channels"), _spawn_channels, _build_spawn),
+    Family("torchvision resnet", _is_tv_resnet, _tv_resnet_channels, _build_torchvision_resnet),
+    Family("inverted residual", _is_type("torchvision.models.mobilenetv2", "InvertedResidual"), _ir_channels,
+           _build_inverted_residual),
+    Family("densenet", _is_type("dksgraph.models.densenet", "DenseLayer"), _zoo_dense_channels,
+           _build_zoo_densenet),
+    Family("torchvision densenet", _is_tv_dense, _tv_dense_channels, _build_torchvision_densenet,
            count=lambda s: sum(len(b.module) for b in s.blocks if _is_tv_dense(b.module))),
-]
+]}
 
 
 def family_of(stage: Stage) -> Family | None:
     """The builder family of a stage: the family of most of its blocks, if any."""
     best, votes = None, 0
-    for family in FAMILIES:
+    for family in FAMILIES.values():
         n = len(_family_blocks(stage, family))
         if n > votes:
             best, votes = family, n
@@ -225,10 +273,11 @@ def default_depth(stage: Stage) -> int:
     return len(_family_blocks(stage, family))
 
 
-# ---------------------------------------------------------------- generic fallback
+# ---------------------------------------------------------------- blocks without a builder: copies
 
 
-def _build_generic(stage: Stage, in_ch: int, depth: int, width: float, label: str) -> tuple[list[nn.Module], int]:
+def _plan_copies(stage: Stage, in_shape: tuple[int, ...], depth: int, width: float, label: str) -> tuple[str, tuple]:
+    """Block names and output shape of a stage made of fresh copies of the backbone's own blocks."""
     names = sorted({b.type_name for b in stage.blocks})
     if width != 1.0:
         raise GraphError(
@@ -236,37 +285,38 @@ def _build_generic(stage: Stage, in_ch: int, depth: int, width: float, label: st
             "but dksgraph has no builder for that block family and can only copy its blocks as they are. "
             "Use width 1.0 (or omit `width`) for this tap."
         )
-    first = stage.blocks[0]
-    if first.in_shape[0] != in_ch:
+    first, last = stage.blocks[0], stage.blocks[-1]
+    if first.in_shape[0] != in_shape[0]:
         raise GraphError(
-            f"tap `{label}` gives {in_ch} channels but stage `{stage.name}` ({', '.join(names)}) starts from "
+            f"tap `{label}` gives {in_shape[0]} channels but stage `{stage.name}` ({', '.join(names)}) starts from "
             f"{first.in_shape[0]}: the backbone changes the channel count between them outside any block "
             "dksgraph recognises, and blocks without a builder are copied as they are. Tap at another stage "
             "end (`dksgraph inspect` marks them; with `taps: auto`, list the taps by hand)."
         )
+    if depth > len(stage.blocks) and last.in_shape != last.out_shape:
+        raise GraphError(
+            f"tap `{label}`: depth {depth} exceeds the {len(stage.blocks)} blocks of stage `{stage.name}`, and "
+            "its last block changes shape, so it cannot be repeated. Use a depth of at most "
+            f"{len(stage.blocks)} for this stage."
+        )
+    used = list(stage.blocks[:depth]) + [last] * max(0, depth - len(stage.blocks))
+    return "/".join(dict.fromkeys(b.type_name for b in used)), used[-1].out_shape
+
+
+def _build_copies(stage: Stage, depth: int) -> list[nn.Module]:
     blocks = [fresh_copy(b.module) for b in stage.blocks[:depth]]
-    last = stage.blocks[-1]
-    if depth > len(stage.blocks):
-        if last.in_shape != last.out_shape:
-            raise GraphError(
-                f"tap `{label}`: depth {depth} exceeds the {len(stage.blocks)} blocks of stage `{stage.name}`, and "
-                "its last block changes shape, so it cannot be repeated. Use a depth of at most "
-                f"{len(stage.blocks)} for this stage."
-            )
-        blocks += [fresh_copy(last.module) for _ in range(depth - len(stage.blocks))]
-    out_block = stage.blocks[min(depth, len(stage.blocks)) - 1]
-    return blocks, out_block.out_shape[0]
+    return blocks + [fresh_copy(stage.blocks[-1].module) for _ in range(depth - len(stage.blocks))]
 
 
-# ---------------------------------------------------------------- the branch
+# ---------------------------------------------------------------- plan, then build
 
 
-def make_branch(traced: Traced, label: str, node: str, depth: list[int] | None = None,
-                width: list[float] | None = None, alpha: float = 1.0, tap: str | None = None) -> tuple[BranchPlan, Branch]:
-    """Plan and build the branch for a tap at ``node`` (already checked with ``Traced.check_tap``)."""
-    d_tap, d_final = traced.d[node], traced.d[traced.final]
-    stages = [traced.stage_at(k) for k in range(d_tap + 1, d_final + 1)]
-    n = len(stages)
+def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None = None,
+                width: list[float] | None = None, alpha: float = 1.0, tap: str | None = None,
+                reason: str = "") -> BranchPlan:
+    """Decide the branch for a tap at ``node``: its stages, their family, depth, width and shapes (builds nothing)."""
+    stages = traced.branch_stages(node, tap or label)
+    d_tap, d_final, n = traced.d[node], traced.d[traced.final], len(stages)
     for key, given in (("depth", depth), ("width", width)):
         if given is not None and len(given) != n:
             raise GraphError(
@@ -279,39 +329,45 @@ def make_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
             )
     depth = depth or [default_depth(s) for s in stages]
     width = width or [1.0] * n
-    in_shape = traced.shapes[node]
-    channels = in_shape[0]
-    modules: list[nn.Module] = []
+    in_shape = shape = traced.shapes[node]
     plans: list[StagePlan] = []
     for stage, k, w in zip(stages, depth, width):
         family = family_of(stage)
         if family is None:
-            blocks, out = _build_generic(stage, channels, k, w, label)
-            block = "/".join(dict.fromkeys(type(b).__name__ for b in blocks))
+            block, out_shape = _plan_copies(stage, shape, k, w, label)
         else:
-            blocks, out = family.build(stage, channels, k, w)
-            block = type(blocks[-1]).__name__
+            block = type(_family_blocks(stage, family)[-1]).__name__
+            out_shape = (family.channels(stage, shape[0], k, w), *stage.end.out_shape[1:])
+        plans.append(StagePlan(stage.d, stage.name, family.name if family else None, block, k, w, shape, out_shape))
+        shape = out_shape
+    final_shape = traced.shapes[traced.final]
+    if shape[1:] != final_shape[1:]:
+        raise GraphError(
+            f"tap `{label}`: the branch would end at {fmt_shape(shape)} but the backbone's final feature map is "
+            f"{fmt_shape(final_shape)}; its stages do not reproduce the backbone's downsampling. Tap at a stage end "
+            "(`dksgraph inspect` lists them)."
+        )
+    return BranchPlan(label, node, tap or traced.alias(node), d_tap, alpha, reason, tuple(plans), in_shape, shape)
+
+
+def build_branch(traced: Traced, plan: BranchPlan) -> Branch:
+    """The modules of a planned branch, fresh parameters, checked against the plan's shapes."""
+    modules = []
+    for sp in plan.stages:
+        stage = traced.stage_at(sp.d)
+        blocks = (_build_copies(stage, sp.depth) if sp.family is None
+                  else FAMILIES[sp.family].build(stage, sp.in_shape[0], sp.depth, sp.width))
         modules.append(nn.Sequential(*blocks))
-        plans.append(StagePlan(stage.d, stage.name, block, k, w, channels, out, family is None))
-        channels = out
     body = nn.Sequential(*modules)
     with torch.no_grad():
         was = body.training
         body.eval()
-        probe = body(torch.zeros((1, *in_shape)))
+        out_shape = tuple(body(torch.zeros((1, *plan.in_shape))).shape[1:])
         body.train(was)
-    out_shape = tuple(probe.shape[1:])
-    final_shape = traced.shapes[traced.final]
-    if out_shape[1:] != final_shape[1:]:
+    if out_shape != plan.out_shape:
         raise GraphError(
-            f"tap `{label}`: the branch ends at {_fmt(out_shape)} but the backbone's final feature map is "
-            f"{_fmt(final_shape)}; its stages do not reproduce the backbone's downsampling. Tap at a stage end "
-            "(`dksgraph inspect` lists them)."
+            f"tap `{plan.label}`: the built branch ends at {fmt_shape(out_shape)}, not at the planned "
+            f"{fmt_shape(plan.out_shape)}. This is a dksgraph bug for this block family; please report it with the "
+            "spec."
         )
-    head = build_head(traced, out_shape)
-    plan = BranchPlan(label, node, tap or traced.alias(node), d_tap, alpha, tuple(plans), in_shape, out_shape)
-    return plan, Branch(body, head)
-
-
-def _fmt(shape: tuple[int, ...]) -> str:
-    return "x".join(str(s) for s in shape)
+    return Branch(body, build_head(traced, out_shape))

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dksgraph.errors import DksError
+from dksgraph.formatting import fmt_shape
 
 
 class _Group(click.Group):
@@ -78,16 +79,17 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
     """
     from dksgraph.graph import trace
     from dksgraph.models import build_backbone
-    from dksgraph.summary import TAP_HEADERS, format_table, tap_rows
+    from dksgraph.formatting import format_table
+    from dksgraph.summary import TAP_HEADERS, tap_rows
 
     spec = _load(target, input_size, num_classes)
     model = build_backbone(spec.backbone)
     t = trace(model, spec.backbone.input_size, spec.backbone.leaf_modules)
     auto = t.auto_taps()
-    click.echo(f"{spec.backbone.model} at input {'x'.join(map(str, t.input_size))}: "
+    click.echo(f"{spec.backbone.model} at input {fmt_shape(t.input_size)}: "
                f"{len(t.order)} graph nodes, {len(t.cut_points)} cut points, {len(t.blocks)} blocks")
     click.echo(format_table(tap_rows(t, {node: label for label, node, _ in auto}, show_all), TAP_HEADERS))
-    click.echo(f"\nfinal feature map: {t.alias(t.final)} ({'x'.join(map(str, t.shapes[t.final]))}, "
+    click.echo(f"\nfinal feature map: {t.alias(t.final)} ({fmt_shape(t.shapes[t.final])}, "
                f"d={t.d[t.final]}); head: {', '.join(t.head)}")
     click.echo("stages: " + "; ".join(f"d={s.d} {s.name} ({len(s.blocks)} blocks"
                                       f"{', strided' if s.downsamples else ''})" for s in t.stages))
@@ -121,8 +123,9 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
     """
     import torch
 
-    from dksgraph.augment import augment as build
-    from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows, format_table
+    from dksgraph.augmented import augment as build
+    from dksgraph.formatting import format_table
+    from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows
 
     if (spec_path is None) == (model is None):
         raise DksError("give either a spec file (`dksgraph augment specs/resnet32.yaml`) or `--model NAME` "
@@ -131,16 +134,18 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
     torch.manual_seed(spec.train.seed if seed is None else seed)
     model = build(spec)
     rows, footer = classifier_rows(model)
-    click.echo(f"{spec.display_name}: {spec.backbone.model} at input {'x'.join(map(str, spec.backbone.input_size))}, "
+    click.echo(f"{spec.display_name}: {spec.backbone.model} at input {fmt_shape(spec.backbone.input_size)}, "
                f"taps {'auto' if spec.taps == 'auto' else 'from the spec'}")
     click.echo(format_table(rows, CLASSIFIER_HEADERS))
     click.echo(footer)
-    pairs = ", ".join(f"{a}->{b}" for a, b in model.pairs) or "none (deep supervision only)"
+    from dksgraph.loss import pair_set
+
+    pairs = ", ".join(f"{a}->{b}" for a, b in pair_set(spec.synergy.pairs, model.classifiers))
     click.echo(f"synergy pairs ({spec.synergy.pairs if isinstance(spec.synergy.pairs, str) else 'explicit'}, "
-               f"beta={spec.synergy.beta:g}, T={spec.synergy.temperature:g}): {pairs}")
+               f"beta={spec.synergy.beta:g}, T={spec.synergy.temperature:g}): {pairs or 'none (deep supervision only)'}")
     if spec.taps == "auto":
-        for label, node, reason in model.traced.auto_taps():
-            click.echo(f"auto {label}: {model.traced.alias(node)} - {reason}")
+        for plan in model.plans:
+            click.echo(f"auto {plan.label}: {plan.tap} - {plan.reason}")
     if do_render:
         from dksgraph.render import render
 
@@ -152,7 +157,7 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
                        f"graphviz (`apt-get install graphviz`, `brew install graphviz` or `conda install graphviz`), "
                        f"then run: dot -T{fmt} {path} -o {path.with_suffix('.' + fmt)}")
     if save:
-        from dksgraph.train.checkpoint import save_checkpoint
+        from dksgraph.checkpoint import save_checkpoint
 
         path = save_checkpoint(save, spec, model, epoch=0, metrics={})
         click.echo(f"saved untrained checkpoint {path}")
@@ -166,23 +171,25 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
               show_default=True, help="state_dict loads into the model's own class with weights_only=True.")
 def strip(checkpoint: str, output: str | None, fmt: str) -> None:
     """Remove every branch, verify the original network bit for bit, and write it."""
-    from dksgraph.strip import export, load_augmented
-    from dksgraph.strip import strip as do_strip
+    from dksgraph.checkpoint import checkpoint_spec
+    from dksgraph.deploy import BRANCHES, export, strip_checkpoint
 
     source = Path(checkpoint)
     out = Path(output) if output else source.with_name(
         source.stem + (".stripped.pt" if fmt == "state_dict" else ".stripped.torchscript.pt"))
     if out.resolve() == source.resolve():
         raise DksError(f"the output `{out}` is the checkpoint itself; give another path with `-o`.")
-    augmented, ckpt = load_augmented(source)
-    original = do_strip(augmented)
-    path = export(original, out, augmented.spec, fmt)
+    original, ckpt = strip_checkpoint(source)
+    spec = checkpoint_spec(ckpt, str(source))
+    path = export(original, out, spec, fmt)
     n = sum(p.numel() for p in original.parameters())
-    dropped = sum(p.numel() for p in augmented.branches.parameters())
-    click.echo(f"verified: stripped {augmented.spec.backbone.model} equals the augmented `main` output bit for bit "
-               f"(eval mode, {'x'.join(map(str, augmented.spec.backbone.input_size))} input)")
-    click.echo(f"wrote {path} ({fmt}, {n / 1e6:.3f}M parameters; dropped {len(augmented.branches)} branches with "
-               f"{dropped / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
+    branch_keys = [k for k in ckpt["model"] if k.startswith(BRANCHES)]
+    labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
+    dropped = sum(ckpt["model"][k].numel() for k in branch_keys)
+    click.echo(f"verified: stripped {spec.backbone.model} equals the augmented `main` output bit for bit "
+               f"(eval mode, {fmt_shape(spec.backbone.input_size)} input)")
+    click.echo(f"wrote {path} ({fmt}, {n / 1e6:.3f}M parameters; dropped {len(labels)} branches with "
+               f"{dropped / 1e6:.3f}M values; epoch {ckpt.get('epoch', '?')})")
 
 
 @cli.command()

@@ -105,22 +105,36 @@ class Traced:
         """Cut points with a 4-D feature map before f whose branch stages all exist, in graph order."""
         idx = self.index
         return [q for q in self.cut_points if len(self.shapes.get(q, ())) in (2, 3) and idx[q] < idx[self.final]
-                and self._stage_problem(q) is None]
+                and self._copyable(q)]
 
-    def _stage_problem(self, node: str) -> str | None:
-        """Why no branch obeying the downsampling rule can start at ``node`` (None when one can)."""
+    def _copyable(self, node: str) -> bool:
+        try:
+            self.branch_stages(node)
+        except GraphError:
+            return False
+        return True
+
+    def branch_stages(self, node: str, at: str | None = None) -> list[Stage]:
+        """The backbone stages a branch at ``node`` reproduces, one per downsampling between ``node`` and f
+        (the paper's rule, Sec. 3.2); a GraphError saying why when one of them cannot be copied."""
+        stages = []
         for k in range(self.d[node] + 1, self.d[self.final] + 1):
             stage = self.stage_at(k)
             if stage is None or not stage.downsamples:
                 where = "it happens outside any building block" if stage is None else (
                     f"stage `{stage.name}` does not start with a strided block")
                 later = [self.alias(s.end.node) for s in self.stages if s.d >= k and s.d < self.d[self.final]]
-                return (
-                    f"tap `{{at}}` (downsampling count {self.d[node]}) needs a branch stage that reproduces "
-                    f"downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the end "
-                    f"of the stage at count {k} instead" + (f" (e.g. `{later[0]}`)." if later else ".")
+                raise GraphError(
+                    f"tap `{at or self.alias(node)}` (downsampling count {self.d[node]}) needs a branch stage that "
+                    f"reproduces downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the "
+                    f"end of the stage at count {k} instead" + (f" (e.g. `{later[0]}`)." if later else ".")
                 )
-        return None
+            stages.append(stage)
+        return stages
+
+    def inside_block(self, node: str) -> bool:
+        """Whether ``node`` is an op inside a building block (not the block's output)."""
+        return _inside(node, self.blocks)
 
     def stage_at(self, d: int) -> Stage | None:
         return next((s for s in self.stages if s.d == d), None)
@@ -162,9 +176,7 @@ class Traced:
                 f"sequence; tap a node "
                 f"such as {self._near(idx[node])}."
             )
-        problem = self._stage_problem(node)
-        if problem:
-            raise GraphError(problem.format(at=at))
+        self.branch_stages(node, at)
         return node
 
     def auto_taps(self) -> list[tuple[str, str, str]]:
@@ -348,6 +360,10 @@ def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_po
     return blocks
 
 
+def _inside(node: str, blocks) -> bool:
+    return any(node.startswith(b.path + ".") for b in blocks)
+
+
 def _stages(blocks: list[Block]) -> list[Stage]:
     stages: list[Stage] = []
     run: list[Block] = []
@@ -363,14 +379,11 @@ def _stages(blocks: list[Block]) -> list[Stage]:
 
 def _final_and_head(graph, qual, cut_points, blocks, shapes, index) -> tuple[str, list[str]]:
     """The final feature map f (last block boundary before the spatial collapse) and the head's nodes."""
-    def in_block(q: str) -> bool:
-        return any(q.startswith(b.path + ".") for b in blocks)
-
     collapse = None
     for i, q in enumerate(cut_points):
         s = shapes.get(q, ())
         vector = len(s) <= 1 or (len(s) == 3 and s[1:] == (1, 1))
-        if i and vector and not in_block(q) and len(shapes.get(cut_points[i - 1], ())) in (2, 3):
+        if i and vector and not _inside(q, blocks) and len(shapes.get(cut_points[i - 1], ())) in (2, 3):
             collapse = q
             break
     if collapse is None:

@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from dksgraph.errors import GraphError
 from dksgraph.graph import Traced
+from dksgraph.tracing import attribute_at, in_mode
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -31,58 +32,49 @@ def fresh_copy(module: nn.Module) -> nn.Module:
 def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
     """A fresh copy of the backbone's head (everything after the final feature map), resized to ``in_shape``."""
     graph = traced.graphs[False]
-    by_name = {n.meta["qualname"]: n for n in graph.nodes}
     head = set(traced.head)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    values: dict[fx.Node, object] = {}
-    modules: dict[str, nn.Module] = {}
-    final = by_name[traced.final]
+    root: dict[str, object] = {}
+    final = next(n for n in graph.nodes if n.meta["qualname"] == traced.final)
     env[final] = new.placeholder("x")
-    values[final] = torch.zeros((2, *in_shape))
-    output = next(n for n in graph.nodes if n.op == "output")
-    result = output.args[0]
+    output = next(n for n in graph.nodes if n.op == "output").args[0]
+    result = output[0] if isinstance(output, (tuple, list)) else output
     for node in graph.nodes:
         if node.meta["qualname"] not in head:
             continue
         if node.op == "get_attr" or any(src not in env and src.op != "get_attr" for src in node.all_input_nodes):
             continue  # copied where used; or not fed by the final feature map (e.g. the input's shape)
         for src in node.all_input_nodes:
-            if src not in env:  # a parameter or buffer the head reads directly
+            if src not in env:  # a parameter or buffer the head reads directly: a copy of its own
                 env[src] = new.get_attr(src.target)
-                values[src] = traced.model.get_parameter(src.target) if _is_param(traced.model, src.target) \
-                    else traced.model.get_buffer(src.target)
-                modules[src.target] = copy.deepcopy(values[src])
+                root[src.target] = copy.deepcopy(attribute_at(traced.model, src.target))
         env[node] = new.node_copy(node, lambda n: env[n])
-        args = fx.map_arg(node.args, lambda n: values[n])
-        kwargs = fx.map_arg(node.kwargs, lambda n: values[n])
         if node.op == "call_module":
-            original = traced.model.get_submodule(node.target)
-            module = _resized(original, args[0], node.meta["qualname"])
-            modules[node.target] = module
-            with torch.no_grad():
-                module.eval()
-                values[node] = module(*args, **kwargs)
-                module.train()
-        elif node.op == "call_function":
-            with torch.no_grad():
-                values[node] = node.target(*args, **kwargs)
-        elif node.op == "call_method":
-            with torch.no_grad():
-                values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node is result or (isinstance(result, (tuple, list)) and node is result[0]):
+            root[node.target] = traced.model.get_submodule(node.target)  # replaced by a resized copy below
+        if node is result:
             new.output(env[node])
-            return fx.GraphModule(modules, new, class_name="Head")
+            program = fx.GraphModule(root, new, class_name="Head")
+            _Resizer(program).run(torch.zeros((2, *in_shape)))
+            return program
     raise GraphError("could not isolate the backbone's head after its final feature map; dksgraph needs the "
                      "classifier to be computed from the final feature map alone.")
 
 
-def _is_param(model: nn.Module, target: str) -> bool:
-    try:
-        model.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
+class _Resizer(fx.Interpreter):
+    """Runs a head once on a probe input and swaps each of its modules for a fresh copy sized to the input it
+    receives, so that no parameter is shared with the backbone."""
+
+    def call_module(self, target, args, kwargs):
+        module = _resized(self.module.get_submodule(target), args[0], target)
+        owner, _, name = target.rpartition(".")
+        setattr(self.module.get_submodule(owner) if owner else self.module, name, module)
+        with torch.no_grad(), in_mode(False, module):
+            return module(*args, **kwargs)
+
+    def run_node(self, n: fx.Node):
+        with torch.no_grad():
+            return super().run_node(n)
 
 
 def _resized(module: nn.Module, x: object, name: str) -> nn.Module:

@@ -92,7 +92,7 @@ class SynergyLoss(nn.Module):
             raise SpecError(f"unknown method `{method}`; choose one of {', '.join(METHODS)}.")
         syn = model.spec.synergy
         classifiers = model.classifiers if method != "baseline" else model.classifiers[:1]
-        pairs = model.pairs if method == "dks" else []
+        pairs = pair_set(syn.pairs, classifiers) if method == "dks" else []
         alphas = {p.label: p.alpha for p in model.plans}
         return cls(classifiers, alphas, pairs, syn.beta, syn.temperature)
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import graphviz
 
-from dksgraph.augment import AugmentedModel
+from dksgraph.augmented import AugmentedModel
 from dksgraph.errors import DksError
-from dksgraph.train.checkpoint import atomic_write
+from dksgraph.formatting import fmt_shape
+from dksgraph.loss import pair_set
+from dksgraph.checkpoint import atomic_write
 
 FORMATS = ("svg", "png", "pdf", "dot")
 BACKBONE = {"fillcolor": "#dbe9f6", "color": "#2b6ca3"}
@@ -27,8 +29,7 @@ CLASSIFIER = {"shape": "ellipse", "style": "filled,bold", "fillcolor": "#ffffff"
 
 
 def _shape_label(shape: tuple[int, ...], d: int | None) -> str:
-    text = "x".join(str(s) for s in shape)
-    return f"{text}  d={d}" if d is not None else text
+    return f"{fmt_shape(shape)}  d={d}" if d is not None else fmt_shape(shape)
 
 
 def _id(text: str) -> str:
@@ -46,13 +47,12 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
                          edge_attr={"fontname": "Helvetica", "fontsize": "9"})
     index = t.index
     first_block = index[t.blocks[0].node] if t.blocks else index[t.final]
-    in_block = tuple(b.path + "." for b in t.blocks)
-    stem = [q for q in t.order if index[q] < first_block and q in t.shapes and not q.startswith(in_block)][1:]
+    stem = [q for q in t.order if index[q] < first_block and q in t.shapes and not t.inside_block(q)][1:]
     c, h, w = t.input_size
     g.node("input", f"input\n{c}x{h}x{w}", shape="invhouse", **BACKBONE)
     anchors: dict[str, str] = {}
     prev, prev_shape = "input", (t.input_size, 0)
-    stem_cut = [q for q in t.cut_points if index[q] < first_block and not q.startswith(in_block)]
+    stem_cut = [q for q in t.cut_points if index[q] < first_block and not t.inside_block(q)]
     if stem_cut:
         ops = stem if detail else [t.alias(q) for q in stem_cut]
         g.node("stem", "stem\n" + "\n".join(ops[:12]) + ("\n..." if len(ops) > 12 else ""), **BACKBONE)
@@ -101,7 +101,7 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
         g.edge(hid, cid, color=BRANCH["color"])
     ids = {"main": "clf_main", **{p.label: f"clf_{_id(p.label)}" for p in model.plans}}
     beta, temp = model.spec.synergy.beta, model.spec.synergy.temperature
-    for teacher, student in model.pairs:
+    for teacher, student in pair_set(model.spec.synergy.pairs, model.classifiers):
         g.edge(ids[teacher], ids[student], style="dashed", color="#6a3d9a", constraint="false", arrowsize="0.6",
                tooltip=f"synergy {teacher} -> {student} (beta={beta:g}, T={temp:g})")
     return g

@@ -3,46 +3,23 @@
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add counts as 2 FLOPs)
 for one image at the spec's input size.
 
-Example::
-
-    >>> print(format_table([["main", 1], ["c2", 22]], ["classifier", "n"]))
-    classifier   n
-    ----------  --
-    main         1
-    c2          22
+Tables are written with :func:`dksgraph.formatting.format_table`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dksgraph.augment import AugmentedModel, count_parameters
+from dksgraph.augmented import AugmentedModel
+from dksgraph.formatting import fmt_shape
 from dksgraph.graph import Traced
 from dksgraph.tracing import in_mode
 
 
-def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """Plain aligned text columns; numbers right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", "").rstrip("%"))
-        return True
-    except ValueError:
-        return False
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def flops(module: nn.Module, x: torch.Tensor) -> int:
@@ -59,7 +36,7 @@ def classifier_rows(model: AugmentedModel) -> tuple[list[list[object]], str]:
     base_flops = flops(model.backbone, x)
     base_params = count_parameters(model.backbone)
     rows: list[list[object]] = [[
-        "main (C1)", "-", _shape(t.shapes[t.final]), t.d[t.final], "backbone", f"{base_params / 1e6:.3f}",
+        "main (C1)", "-", fmt_shape(t.shapes[t.final]), t.d[t.final], "backbone", f"{base_params / 1e6:.3f}",
         f"{base_flops / 1e6:.1f}",
     ]]
     extra_params = extra_flops = 0
@@ -69,7 +46,7 @@ def classifier_rows(model: AugmentedModel) -> tuple[list[list[object]], str]:
         f, p = flops(branch, feature), count_parameters(branch)
         extra_flops += f
         extra_params += p
-        rows.append([f"{plan.label} (C{number})", plan.tap, _shape(plan.in_shape), plan.d, plan.describe(),
+        rows.append([f"{plan.label} (C{number})", plan.tap, fmt_shape(plan.in_shape), plan.d, plan.describe(),
                      f"{p / 1e6:.3f}", f"{f / 1e6:.1f}"])
     footer = (f"training overhead vs backbone: +{100 * extra_params / base_params:.1f}% parameters, "
               f"+{100 * extra_flops / max(base_flops, 1):.1f}% FLOPs per image; "
@@ -89,22 +66,17 @@ def tap_rows(t: Traced, auto: dict[str, str], inside_blocks: bool = False) -> li
     """
     block_at = {b.node: b for b in t.blocks}
     stage_end = {s.end.node: s for s in t.stages}
-    in_block = tuple(b.path + "." for b in t.blocks)
     rows = []
     for q in t.valid_taps():
-        if not inside_blocks and q not in block_at and q.startswith(in_block):
+        if not inside_blocks and q not in block_at and t.inside_block(q):
             continue
         where = ""
         if q in stage_end:
             where = f"end of stage {stage_end[q].name}"
         elif q in block_at:
             where = f"block ({block_at[q].type_name})"
-        rows.append([t.alias(q), q if q != t.alias(q) else "", _shape(t.shapes[q]), t.d[q], where, auto.get(q, "")])
+        rows.append([t.alias(q), q if q != t.alias(q) else "", fmt_shape(t.shapes[q]), t.d[q], where, auto.get(q, "")])
     return rows
 
 
 TAP_HEADERS = ["tap", "node", "shape", "d", "where", "auto"]
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(s) for s in shape)

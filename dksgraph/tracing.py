@@ -108,12 +108,20 @@ def _subclasses_a_torch_op(m: nn.Module) -> bool:
                nn.ModuleList, nn.ModuleDict) for base in type(m).__mro__[1:])
 
 
+CONSTANTS = "_dksgraph_constants"  # where a traced graph keeps the tensors FX found in the forward code
+
+
 def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx.Graph:
-    """Trace ``model`` in train or eval mode; every node gets ``meta["qualname"]``. Modes are restored."""
+    """Trace ``model`` in train or eval mode; every node gets ``meta["qualname"]``.
+
+    The model is left as it was: its modes are restored, and the tensor constants FX's tracer sets on
+    the traced module (``_tensor_constant0``, ...) are moved onto the graph (see :func:`graph_module`).
+    """
     tracer = _PathTracer(leaf_modules)
+    before = set(model.__dict__)
     try:
         with in_mode(training, model):
-            return tracer.trace(model)
+            graph = tracer.trace(model)
     except Exception as exc:
         scope = tracer.failure_scope or ""
         where = f"module `{scope}` ({type(model.get_submodule(scope)).__name__})" if scope else "the top-level forward"
@@ -126,6 +134,28 @@ def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx
                "in the spec, provided it sits inside a block and not on a tap." if leaf else
                "Add the offending submodule's class name to `backbone.leaf_modules` in the spec.")
         ) from None
+    finally:
+        added = {name: model.__dict__.pop(name) for name in set(model.__dict__) - before}
+    setattr(graph, CONSTANTS, added)
+    return graph
+
+
+def graph_module(model: nn.Module, graph: fx.Graph, class_name: str = "GraphModule",
+                 constants: dict | None = None) -> fx.GraphModule:
+    """``graph`` as a GraphModule over ``model``'s own submodules and attributes, plus the tensor constants
+    found while tracing it (``constants``, default: the graph's own)."""
+    constants = getattr(graph, CONSTANTS, {}) if constants is None else constants
+    root = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            root[n.target] = constants[n.target] if n.target in constants else attribute_at(model, n.target)
+    return fx.GraphModule(root, graph, class_name)
+
+
+def attribute_at(model: nn.Module, path: str):
+    """The attribute a dotted path names (``layer1.0.conv1``, ``fc.weight``)."""
+    owner, _, name = path.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, name)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -143,7 +173,7 @@ class _ShapeRecorder(fx.Interpreter):
 
 def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...]]:
     """Per-node output shape (without the batch dimension) for one input of ``input_size``, in eval mode."""
-    gm = fx.GraphModule(model, graph)
+    gm = graph_module(model, graph)
     recorder = _ShapeRecorder(gm, qual)
     param = next(model.parameters(), None)
     x = torch.zeros((1, *input_size), dtype=param.dtype if param is not None else torch.float32,

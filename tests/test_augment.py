@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
+from dksgraph.loss import SynergyLoss
 from dksgraph.spec import parse_spec
 
 
@@ -86,9 +87,9 @@ def test_taps_at_one_point_with_different_names():
 ])
 def test_pair_sets(pairs, expected):
     model = augment(spec_for(synergy={"pairs": pairs}))
-    assert model.pairs == expected
+    assert SynergyLoss.for_model(model).pairs == expected
 
 
 def test_bidirectional_is_all_ordered_pairs():
     model = augment(spec_for())
-    assert sorted(model.pairs) == sorted((a, b) for a in model.classifiers for b in model.classifiers if a != b)
+    assert sorted(SynergyLoss.for_model(model).pairs) == sorted((a, b) for a in model.classifiers for b in model.classifiers if a != b)

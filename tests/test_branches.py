@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.errors import GraphError
 from dksgraph.spec import load_spec, parse_spec
 

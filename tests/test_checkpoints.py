@@ -1,8 +1,8 @@
 import torch
 
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.spec import parse_spec
-from dksgraph.train.checkpoint import FORMAT, atomic_save, load_checkpoint, save_checkpoint
+from dksgraph.checkpoint import FORMAT, atomic_save, load_checkpoint, save_checkpoint
 
 SPEC = {"name": "r32", "backbone": {"model": "zoo:resnet32", "kwargs": {"num_classes": 10}, "input_size": [3, 32, 32]}}
 

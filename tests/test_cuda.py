@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import write
-from dksgraph.strip import strip
-from dksgraph.train.checkpoint import load_checkpoint
+from dksgraph.deploy import strip
+from dksgraph.checkpoint import load_checkpoint
 from dksgraph.train.device_data import random_crop_flip
 from dksgraph.train.engine import Trainer
 from test_device_data import crop_params, probe_images

@@ -7,7 +7,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from conftest import ROOT, write
-from dksgraph.strip import strip
+from dksgraph.deploy import strip
 from dksgraph.train.data import Normalizer
 from dksgraph.train.device_data import DeviceBatches, random_crop_flip
 from dksgraph.train.seeds import epoch_order

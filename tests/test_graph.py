@@ -104,9 +104,9 @@ def test_downsampling_children_of_the_root_after_the_last_container_are_stages()
 def test_tree_net_augments_and_strips_with_a_head_parameter():
     import torch
 
-    from dksgraph.augment import augment
+    from dksgraph.augmented import augment
     from dksgraph.spec import parse_spec
-    from dksgraph.strip import strip
+    from dksgraph.deploy import strip
 
     model = augment(parse_spec({"backbone": {"model": "toynets:tree_net", "input_size": [3, 32, 32]}}))
     assert [p.tap for p in model.plans] == ["level3", "level2"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.loss import SynergyLoss, pair_set
 from dksgraph.spec import parse_spec
 

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, write
 from dksgraph.errors import DksError
 from dksgraph.spec import apply_overrides, parse_spec
-from dksgraph.strip import strip
-from dksgraph.train.checkpoint import load_checkpoint, recipe_spec
+from dksgraph.deploy import strip
+from dksgraph.checkpoint import load_checkpoint, checkpoint_spec
 from dksgraph.train.engine import Trainer
 from dksgraph.train.runconfig import RunConfig
 
@@ -71,7 +71,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
         Trainer(spec, config(tmp_path / "b"), on_step=interrupt).fit()
     ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
     assert ckpt["epoch"] == 1
-    resumed = Trainer(recipe_spec(ckpt, "b"), RunConfig.from_dict(ckpt["config"]), resume=ckpt)
+    resumed = Trainer(checkpoint_spec(ckpt, "b"), RunConfig.from_dict(ckpt["config"]), resume=ckpt)
     resumed.fit()
     a, b = reference.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,11 +14,11 @@ from PIL import Image
 from torch import nn
 
 from conftest import ROOT, write
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.loss import SynergyLoss
 from dksgraph.spec import RECIPE_OVERRIDES, load_spec, parse_spec
 from dksgraph.train import distributed, engine, seeds
-from dksgraph.train.checkpoint import link_file, load_checkpoint
+from dksgraph.checkpoint import link_file, load_checkpoint
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, transforms_for
 from dksgraph.train.engine import Trainer, configure_backends, train_one_epoch
 from dksgraph.train.runconfig import RunConfig

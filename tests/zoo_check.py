@@ -5,10 +5,10 @@ import warnings
 
 import torch
 
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.models import build_backbone, small_input_size
 from dksgraph.spec import parse_spec
-from dksgraph.strip import strip
+from dksgraph.deploy import strip
 
 
 def check(model_name: str, taps: int | None = None) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from dksgraph.augment import augment, count_parameters
+from dksgraph.augmented import augment
+from dksgraph.summary import count_parameters
 from dksgraph.models import build_backbone
 from dksgraph.spec import load_spec
-from dksgraph.strip import strip
-from dksgraph.summary import format_table
+from dksgraph.deploy import strip
+from dksgraph.formatting import fmt_shape, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def bench(path: Path, repeat: int) -> dict:
     return {
         "spec": spec.display_name,
         "model": spec.backbone.model,
-        "input": "x".join(map(str, spec.backbone.input_size)),
+        "input": fmt_shape(spec.backbone.input_size),
         "augment_s": round(augment_s, 3),
         "strip_verify_s": round(strip_s, 3),
         "backbone_params_M": round(count_parameters(model.backbone) / 1e6, 3),

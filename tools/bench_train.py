@@ -45,7 +45,7 @@ class Setup:
     """One method's model, loss, optimiser and batch, ready to step."""
 
     def __init__(self, backbone: str, method: str, device: torch.device) -> None:
-        from dksgraph.augment import augment
+        from dksgraph.augmented import augment
         from dksgraph.loss import SynergyLoss
         from dksgraph.spec import load_spec
         from dksgraph.summary import flops
@@ -169,7 +169,7 @@ THROUGHPUT = [  # (spec, input size, batch, data paths)
 def throughput(spec_file: str, size: int, batch: int, method: str, data: str, compile_: bool, device: torch.device,
                steps: int, images: int, workers: int | None) -> dict:
     """Images/s of dksgraph's own training loop (bf16 autocast, channels-last) for one configuration."""
-    from dksgraph.augment import augment
+    from dksgraph.augmented import augment
     from dksgraph.loss import SynergyLoss
     from dksgraph.spec import apply_overrides, load_spec
     from dksgraph.train import device_data
@@ -246,7 +246,7 @@ def main() -> None:
         rows = throughput_table(args)
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
         result = {"device": name, "torch": torch.__version__, "steps": args.steps, "rows": rows}
-        from dksgraph.summary import format_table
+        from dksgraph.formatting import format_table
 
         text = "\n".join([
             f"{name}, torch {torch.__version__}, bf16 autocast + channels-last, {args.steps} timed steps after 3 "
@@ -278,7 +278,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
         return
-    from dksgraph.summary import format_table
+    from dksgraph.formatting import format_table
 
     headers = ["backbone", "method", "batch", "input", "step ms", "x baseline", "FLOPs x", "x / FLOPs x",
                "loss % of step", "peak MiB", "img/s"]

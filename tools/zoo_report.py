@@ -22,11 +22,12 @@ import torch
 import torchvision
 import torchvision.models as tvm
 
-from dksgraph.augment import augment, count_parameters
+from dksgraph.augmented import augment
+from dksgraph.summary import count_parameters
 from dksgraph.errors import DksError
 from dksgraph.models import small_input_size
 from dksgraph.spec import parse_spec
-from dksgraph.strip import strip
+from dksgraph.deploy import strip
 from dksgraph.summary import flops
 
 

@@ -14,9 +14,11 @@ import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
-from torch import nn
+from typing import Any
 
-from dksgraph.errors import SpecError, close_matches
+from torch import Tensor, nn
+
+from dksgraph.errors import GraphError, SpecError, close_matches
 from dksgraph.models import cifar_resnet, densenet, mobilenet, wrn
 
 
@@ -131,3 +133,14 @@ def _import_callable(module_name: str, attr: str, name: str) -> Callable[..., nn
 def _unknown(name: str, rest: str, choices, where: str) -> str:
     hint = close_matches(rest, choices)
     return f"unknown model `{name}`" + (f"; did you mean {hint}?" if hint else ".") + f" {where}."
+
+
+def main_logits(result: Any) -> Tensor:
+    """The backbone's logits from whatever its forward returns (tensor, tuple, or `.logits`)."""
+    if isinstance(result, Tensor):
+        return result
+    if hasattr(result, "logits"):
+        return result.logits
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], Tensor):
+        return result[0]
+    raise GraphError(f"cannot find the logits in the backbone's output of type {type(result).__name__}.")

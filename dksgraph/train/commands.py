@@ -89,9 +89,9 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
       torchrun --nproc-per-node 8 -m dksgraph train specs/resnet50.yaml --amp bf16 --channels-last
     """
     from dksgraph.spec import apply_overrides, load_spec
-    from dksgraph.summary import format_table
+    from dksgraph.formatting import format_table
     from dksgraph.train import distributed
-    from dksgraph.train.checkpoint import load_checkpoint, recipe_spec
+    from dksgraph.checkpoint import load_checkpoint, checkpoint_spec
     from dksgraph.train.engine import Trainer, prepare_run_folder
     from dksgraph.train.runconfig import RunConfig
     from dksgraph.train.metrics import SUMMARY_HEADERS, summary_rows
@@ -108,7 +108,7 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
         if "optimizer" not in ckpt:
             raise DksError(f"`{resume}` is an untrained checkpoint with no training state; start a run from its "
                            "spec instead of resuming it.")
-        spec = recipe_spec(ckpt, f"{resume} (its spec)")
+        spec = checkpoint_spec(ckpt, f"{resume} (its spec)")
         changed = [k for k, v in recipe.items()
                    if k not in RESUMABLE_RECIPE and apply_overrides(spec, **{k: v}) != spec]
         if changed:
@@ -186,18 +186,18 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     """
     import torch
 
-    from dksgraph.augment import augment
+    from dksgraph.augmented import augment
     from dksgraph.spec import apply_overrides
-    from dksgraph.strip import load_augmented_state
-    from dksgraph.summary import format_table
+    from dksgraph.deploy import load_augmented_state
+    from dksgraph.formatting import format_table
     from dksgraph.train import distributed
-    from dksgraph.train.checkpoint import atomic_write, load_checkpoint, recipe_spec
+    from dksgraph.checkpoint import atomic_write, load_checkpoint, checkpoint_spec
     from dksgraph.train.runconfig import RunConfig
     from dksgraph.train.engine import (batches_for, check_amp, configure_backends, evaluate as run_eval,
                                        resolve_device, run_spec)
 
     ckpt = load_checkpoint(checkpoint)
-    spec = run_spec(apply_overrides(recipe_spec(ckpt, f"{checkpoint} (its spec)"), dataset=dataset, data_dir=data_dir))
+    spec = run_spec(apply_overrides(checkpoint_spec(ckpt, f"{checkpoint} (its spec)"), dataset=dataset, data_dir=data_dir))
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"test_subset": None})})
     config = RunConfig(device=device, amp=amp, channels_last=channels_last, workers=workers,
                        data_on_device=data_on_device)

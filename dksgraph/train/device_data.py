@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dksgraph.errors import DksError
+from dksgraph.formatting import fmt_shape
 from dksgraph.train.data import Normalizer
 from dksgraph.train.seeds import DEVICE_AUGMENT, derive, epoch_order
 
@@ -106,8 +107,8 @@ def decode(dataset: Dataset, input_size, device: torch.device, workers: int = 0)
             if tuple(image.shape) != want:
                 raise DksError(
                     f"`--data-on-device` keeps CIFAR-sized datasets on the device as they are, but an image of this "
-                    f"dataset is {'x'.join(map(str, image.shape))}, not the spec's input size "
-                    f"{'x'.join(map(str, want))}. Leave `--data-on-device` off for this dataset (the loader "
+                    f"dataset is {fmt_shape(image.shape)}, not the spec's input size "
+                    f"{fmt_shape(want)}. Leave `--data-on-device` off for this dataset (the loader "
                     "path resizes), or set backbone.input_size to the images' size."
                 )
             images.append(image)

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dksgraph.augment import augment
+from dksgraph.augmented import augment
 from dksgraph.errors import DksError
 from dksgraph.loss import SynergyLoss
 from dksgraph.spec import Spec
 from dksgraph.train import device_data, distributed
 from dksgraph.train import optim as optim_lib
-from dksgraph.train.checkpoint import link_file, save_checkpoint
+from dksgraph.checkpoint import link_file, save_checkpoint
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, stats_for
 from dksgraph.train.metrics import AccuracyCounter, RunLog
 from dksgraph.train.runconfig import AMP_MODES, DEVICES, RunConfig

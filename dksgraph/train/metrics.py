@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dksgraph.train.checkpoint import atomic_write
+from dksgraph.checkpoint import atomic_write
 
 ENSEMBLE = "ensemble"
 

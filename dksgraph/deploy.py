@@ -4,6 +4,11 @@
 ``strict=True`` and checks, on a fixed input in eval mode, that its output equals the augmented
 model's ``main`` logits exactly (``torch.equal``). Only then does :func:`export` write anything.
 
+Stripping a checkpoint needs only the backbone: the ``branches.*`` weights are checked to be there
+and otherwise ignored, and the reference output is the backbone's FX program (what the augmented
+model runs for ``main``) over the checkpoint's own tensors. So no branch is built, and a checkpoint
+written by any earlier release strips whatever the branch builders have become since.
+
 Example::
 
     >>> original = strip("runs/r32/last.pt")                 # doctest: +SKIP
@@ -14,27 +19,37 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dksgraph.augment import AugmentedModel, augment, main_logits, probe_input
+from dksgraph.augmented import AugmentedModel, augment, main_program
+from dksgraph.checkpoint import atomic_save, atomic_write, checkpoint_spec, load_checkpoint
 from dksgraph.errors import CheckpointError, DksError
-from dksgraph.models import build_backbone
-from dksgraph.spec import Spec, parse_spec
-from dksgraph.tracing import in_mode
-from dksgraph.train.checkpoint import atomic_save, atomic_write, load_checkpoint
+from dksgraph.models import build_backbone, main_logits
+from dksgraph.spec import Spec
+from dksgraph.tracing import in_mode, trace_graph
 
 FORMATS = ("state_dict", "torchscript")
 PREFIX = "backbone."
+BRANCHES = "branches."
+
+
+@torch.no_grad()
+def probe_input(spec: Spec, batch: int = 2, like: nn.Module | None = None) -> torch.Tensor:
+    """The fixed input strip and export verify on: seeded normal noise at the spec's input size."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *spec.backbone.input_size), generator=gen)
+    param = next(like.parameters(), None) if like is not None else None
+    return x.to(param.device, param.dtype) if param is not None else x
 
 
 def load_augmented(path: str | Path) -> tuple[AugmentedModel, dict]:
     """Rebuild the AugmentedModel a checkpoint was saved from and load its weights strictly."""
     ckpt = load_checkpoint(path)
-    spec = parse_spec(ckpt["spec"], source=f"{path} (its spec)")
-    model = augment(spec)
+    model = augment(checkpoint_spec(ckpt, f"{path} (its spec)"))
     load_augmented_state(model, ckpt["model"], path)
     return model, ckpt
 
@@ -45,23 +60,56 @@ def load_augmented_state(model: AugmentedModel, state: dict, path: str | Path) -
 
 
 def strip(source: AugmentedModel | str | Path) -> nn.Module:
-    """The original network with the trained backbone weights, verified against the augmented model."""
-    augmented = source if isinstance(source, AugmentedModel) else load_augmented(source)[0]
-    spec = augmented.spec
-    state = backbone_state(augmented.state_dict())
-    original = _rebuild(spec, state)
-    param = next(augmented.parameters(), None)
+    """The original network with the trained backbone weights, verified against the augmented model's ``main``."""
+    if not isinstance(source, AugmentedModel):
+        return strip_checkpoint(source)[0]
+    spec = source.spec
+    original = _rebuild(spec, backbone_state(source.state_dict()))
+    param = next(source.parameters(), None)
     if param is not None:
         original.to(param.device, param.dtype)
-    verify(augmented, original, spec)
+    verify(spec, original, source.forward_main, source)
     return original
 
 
-def verify(augmented: AugmentedModel, original: nn.Module, spec: Spec) -> None:
-    """Refuse unless the original network's eval output equals the augmented ``main`` output exactly."""
+def strip_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Strip a checkpoint file, building only its backbone; returns the network and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    spec = checkpoint_spec(ckpt, f"{path} (its spec)")
+    _check_branch_keys(ckpt["model"], spec, path)
+    state = backbone_state(ckpt["model"])
+    original = _rebuild(spec, state)
+    program = main_program(original, trace_graph(original, spec.backbone.leaf_modules, training=False))
+    raw = dict(state)  # the file's own tensors, not what load_state_dict made of them
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return main_logits(torch.func.functional_call(program, raw, (x,)))
+
+    verify(spec, original, reference)
+    return original, ckpt
+
+
+def _check_branch_keys(state: dict, spec: Spec, path: str | Path) -> None:
+    """Every entry is the backbone's or a branch's, and every listed tap has its branch's weights."""
+    stray = [k for k in state if not k.startswith((PREFIX, BRANCHES))]
+    labels = {k[len(BRANCHES):].split(".", 1)[0] for k in state if k.startswith(BRANCHES)}
+    listed = [t.label for t in spec.taps] if isinstance(spec.taps, list) else []
+    missing = [label for label in listed if label not in labels]
+    if stray or missing:
+        problem = (f"{len(stray)} entries belong to neither the backbone nor a branch (e.g. {', '.join(stray[:3])})"
+                   if stray else f"the weights of branch(es) {', '.join(missing)} that its spec lists are missing")
+        raise CheckpointError(
+            f"`{path}` is not a whole dksgraph/1 checkpoint: {problem}. It was edited or saved from another "
+            "model; use the checkpoint as `dksgraph train` or `dksgraph augment --save` wrote it."
+        )
+
+
+def verify(spec: Spec, original: nn.Module, reference: Callable[[torch.Tensor], torch.Tensor],
+           *modules: nn.Module) -> None:
+    """Refuse unless the original network's eval output equals ``reference`` (the augmented ``main``) exactly."""
     x = probe_input(spec, like=original)
-    with torch.no_grad(), in_mode(False, augmented, original):
-        want = augmented.forward_main(x)
+    with torch.no_grad(), in_mode(False, original, *modules):
+        want = reference(x)
         got = main_logits(original(x))
     if not identical(want, got):
         diff = (want.float() - got.float()).abs().max().item() if want.shape == got.shape else "shape"

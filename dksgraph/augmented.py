@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from dksgraph.branches import Branch, BranchPlan, make_branch
+from dksgraph.branches import Branch, BranchPlan, build_branch, plan_branch
 from dksgraph.errors import GraphError
 from dksgraph.graph import Traced, trace
 from dksgraph.loss import pair_set
-from dksgraph.models import build_backbone
+from dksgraph.models import build_backbone, main_logits
 from dksgraph.spec import MAIN, Spec
+from dksgraph.tracing import CONSTANTS, graph_module
 
 
 class AugmentedModel(nn.Module):
@@ -43,7 +44,6 @@ class AugmentedModel(nn.Module):
         self.traced = traced
         self.plans = list(plans)
         self.classifiers = [MAIN, *(p.label for p in plans)]
-        self.pairs = pair_set(spec.synergy.pairs, self.classifiers)
         self._build_programs()
 
     def _build_programs(self) -> None:
@@ -71,18 +71,12 @@ class AugmentedModel(nn.Module):
         return main_logits(self.__dict__["_programs"][self.training](x)[0])
 
     def extra_repr(self) -> str:
-        return f"classifiers={self.classifiers}, pairs={len(self.pairs)}"
+        return f"classifiers={self.classifiers}"
 
 
-def main_logits(result: Any) -> Tensor:
-    """The backbone's logits from whatever its forward returns (tensor, tuple, or `.logits`)."""
-    if isinstance(result, Tensor):
-        return result
-    if hasattr(result, "logits"):
-        return result.logits
-    if isinstance(result, (tuple, list)) and result and isinstance(result[0], Tensor):
-        return result[0]
-    raise GraphError(f"cannot find the logits in the backbone's output of type {type(result).__name__}.")
+def main_program(backbone: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The backbone's own forward as the program the augmented model runs (output only, no taps)."""
+    return _tap_program(backbone, graph, [])
 
 
 def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.GraphModule:
@@ -102,14 +96,15 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.Gr
                 node = new.call_method("clone", (node,))
         features.append(node)
     new.output((out, *features))
-    program = fx.GraphModule(backbone, new, class_name="TapProgram")
-    # tensors FX found in the forward code (constants) belong to the program; everything else is a view, not
+    constants = getattr(graph, CONSTANTS, {})
+    program = graph_module(backbone, new, "TapProgram", constants)
+    # the tensor constants FX found in the forward code belong to the program; everything else is a view, not
     # a copy, of the backbone's module tree: the program looks its submodules, parameters and buffers up in
     # the backbone's own tables at every call, so a module swapped in later (SyncBatchNorm's
     # convert_sync_batchnorm, a user's replacement, `.to()`) is the one that runs
-    constants = {k: v for k, v in program._buffers.items() if k not in backbone._buffers}
+    own = {name: getattr(program, name) for name in constants}
     program.__dict__.update(_modules=backbone._modules, _parameters=backbone._parameters,
-                            _buffers=backbone._buffers, _constants=tuple(constants), **constants)
+                            _buffers=backbone._buffers, _constants=tuple(own), **own)
     return program
 
 
@@ -136,31 +131,18 @@ def resolve_taps(spec: Spec, traced: Traced) -> list[tuple[str, str, Any, str]]:
     return sorted(chosen, key=lambda c: -index[c[1]])
 
 
+def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
+    """The plan of every tap's branch, deep -> shallow (nothing built)."""
+    return [plan_branch(traced, label, node, depth=tap.depth if tap else None, width=tap.width if tap else None,
+                        alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None, reason=reason)
+            for label, node, tap, reason in resolve_taps(spec, traced)]
+
+
 def augment(spec: Spec, backbone: nn.Module | None = None) -> AugmentedModel:
-    """Build (or take) the backbone, trace it and attach a branch per tap."""
+    """Build (or take) the backbone, trace it, plan a branch per tap and build the branches."""
     if backbone is None:
         backbone = build_backbone(spec.backbone)
     traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
-    plans, branches = [], []
-    for label, node, tap, _ in resolve_taps(spec, traced):
-        plan, branch = make_branch(
-            traced, label, node,
-            depth=tap.depth if tap else None, width=tap.width if tap else None,
-            alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None,
-        )
-        plans.append(plan)
-        branches.append(branch)
-    return AugmentedModel(spec, backbone, traced, plans, branches)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def probe_input(spec: Spec, batch: int = 2, like: nn.Module | None = None) -> Tensor:
-    """The fixed input strip verifies on: seeded normal noise at the spec's input size."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *spec.backbone.input_size), generator=gen)
-    param = next(like.parameters(), None) if like is not None else None
-    return x.to(param.device, param.dtype) if param is not None else x
+    plans = plan_taps(spec, traced)
+    pair_set(spec.synergy.pairs, [MAIN, *(p.label for p in plans)])  # explicit pairs name existing classifiers
+    return AugmentedModel(spec, backbone, traced, plans, [build_branch(traced, p) for p in plans])

@@ -78,7 +78,7 @@ def save_checkpoint(path: str | Path, spec, model: torch.nn.Module, **extra: Any
 _LEGACY_RECIPE = ("method", "dataset", "data_dir", "epochs", "batch_size", "seed", "train_subset", "test_subset")
 
 
-def recipe_spec(ckpt: dict[str, Any], source: str):
+def checkpoint_spec(ckpt: dict[str, Any], source: str):
     """The spec a checkpoint's run trained with, its whole recipe in ``train:``.
 
     The first release kept the command-line part of the recipe (method, dataset, epochs, batch size,
