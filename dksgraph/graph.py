@@ -29,6 +29,7 @@ import networkx as nx
 from torch import fx, nn
 
 from dksgraph.errors import GraphError, close_matches
+from dksgraph.formatting import fmt_shape
 from dksgraph.tracing import check_resolution, propagate_shapes, stride_of, trace_graph
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -236,6 +237,7 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
     blocks = _blocks(model, module_first, module_end, set(cut_points), shapes, d, index, cut_points)
     stages = _stages(blocks)
     final, head = _final_and_head(graph, qual, cut_points, blocks, shapes, index)
+    _check_invariants(blocks, stages, final, index)
     aliases: dict[str, str] = {}
     for path, node in sorted(module_end.items(), key=lambda kv: (kv[0].count("."), len(kv[0]))):
         aliases.setdefault(node, path)
@@ -323,10 +325,9 @@ def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points)
 
 
 def _global_pool(m: nn.Module, shape: tuple[int, ...]) -> bool:
-    """A parameter-free composite module that leaves a 1x1 map (timm's SelectAdaptivePool2d) pools
-    globally: it belongs to the head, not a stage."""
-    return (len(shape) == 3 and shape[1:] == (1, 1) and next(m.children(), None) is not None
-            and next(m.parameters(), None) is None)
+    """A parameter-free module that leaves a 1x1 map (an AdaptiveAvgPool2d, GoogLeNet's pool, timm's
+    SelectAdaptivePool2d) pools globally, whatever its class: it belongs to the head, not a stage."""
+    return len(shape) == 3 and shape[1:] == (1, 1) and next(m.parameters(), None) is None
 
 
 def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root) -> list[Block]:
@@ -358,6 +359,28 @@ def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_po
         blocks.append(Block(path, m, node, shapes[src], shapes[node], d[src], d[node]))
     blocks.sort(key=lambda b: index[b.node])
     return blocks
+
+
+def _check_invariants(blocks: list[Block], stages: list[Stage], final: str, index: dict[str, int]) -> None:
+    """What the rest of dksgraph relies on: along the main path the downsampling count never goes down (so
+    each count has one stage), and every block lies at or before the final feature map."""
+    for before, after in zip(stages, stages[1:]):
+        if after.d <= before.d:
+            node = after.blocks[0].node
+            raise GraphError(
+                f"the downsampling count goes back down at `{node}` (block `{after.blocks[0].path}`: "
+                f"{fmt_shape(after.blocks[0].in_shape)} -> {fmt_shape(after.blocks[0].out_shape)}, count {before.d} "
+                f"-> {after.d}): the network upsamples, like a decoder or a U-Net. DKS's rule counts downsamplings "
+                "from the input to each classifier, so dksgraph augments classification backbones whose resolution "
+                "only decreases; augment the encoder part as its own backbone instead."
+            )
+    late = [b.path for b in blocks if index[b.node] > index[final]]
+    if late:
+        raise GraphError(
+            f"block(s) {', '.join(late[:3])} run after the final feature map `{final}`, inside what dksgraph takes "
+            "for the classifier head. This network's head is not a pooling + classifier dksgraph recognises; "
+            "please report the model."
+        )
 
 
 def _inside(node: str, blocks) -> bool:

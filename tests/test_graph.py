@@ -115,3 +115,10 @@ def test_tree_net_augments_and_strips_with_a_head_parameter():
         assert len(head_scale) == 1 and head_scale[0].item() == 2.0  # the head's own parameter, copied
     model(torch.randn(2, 3, 32, 32))["c3"].sum().backward()
     strip(model)
+
+
+def test_a_network_that_upsamples_is_refused_naming_the_node(run):
+    result = run("inspect", "toynets:up_net")
+    assert result.exit_code == 2
+    assert "goes back down at `up.0.relu`" in result.output and "count 2 -> 1" in result.output
+    assert "Traceback" not in result.output

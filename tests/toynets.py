@@ -139,3 +139,34 @@ class CountingBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         CountingBatchNorm.calls += 1
         return super().forward(x)
+
+
+class UpNet(nn.Module):
+    """An encoder-decoder classifier: the resolution goes down, then up again before the head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.down1 = nn.Sequential(OddBlock(8, 16, 2), OddBlock(16, 16, 1))
+        self.down2 = nn.Sequential(OddBlock(16, 32, 2), OddBlock(32, 32, 1))
+        self.up = nn.Sequential(UpBlock(32, 16), OddBlock(16, 16, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.up(self.down2(self.down1(self.stem(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(cin, cout, 2, 2)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def up_net(num_classes: int = 10) -> UpNet:
+    return UpNet(num_classes)
