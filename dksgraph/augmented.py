@@ -138,10 +138,13 @@ def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
             for label, node, tap, reason in resolve_taps(spec, traced)]
 
 
-def augment(spec: Spec, backbone: nn.Module | None = None) -> AugmentedModel:
-    """Build (or take) the backbone, trace it, plan a branch per tap and build the branches."""
+def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = True) -> AugmentedModel:
+    """Build (or take) the backbone, trace it, plan a branch per tap and build the branches.
+
+    ``pretrained=False`` skips ``backbone.weights`` (for a model about to receive a checkpoint's weights).
+    """
     if backbone is None:
-        backbone = build_backbone(spec.backbone)
+        backbone = build_backbone(spec.backbone, pretrained)
     traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
     plans = plan_taps(spec, traced)
     pair_set(spec.synergy.pairs, [MAIN, *(p.label for p in plans)])  # explicit pairs name existing classifiers

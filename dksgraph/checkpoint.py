@@ -95,12 +95,12 @@ def checkpoint_spec(ckpt: dict[str, Any], source: str):
     return parse_spec(data, source=source)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a dksgraph/1 checkpoint without unpickling arbitrary objects."""
+def read_tensors(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A PyTorch file's dictionary, loaded with ``weights_only=True`` (never unpickling arbitrary objects)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint `{path}` does not exist. Check the path; training writes `last.pt` and `best.pt` in "
+            f"{what} `{path}` does not exist. Check the path; training writes `last.pt` and `best.pt` in "
             "its run folder, and `dksgraph augment SPEC --save FILE` writes an untrained one."
         )
     try:
@@ -109,15 +109,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
             f"`{path}` holds pickled Python objects that dksgraph will not load (loading them could run "
-            f"arbitrary code): {first[:200]}. dksgraph checkpoints hold plain tensors and data only; re-create "
-            "it with `dksgraph augment ... --save` or `dksgraph train`, or load it yourself if you trust it."
+            f"arbitrary code): {first[:200]}. dksgraph reads plain tensors and data only; save a state_dict "
+            "(or re-create the checkpoint with `dksgraph augment ... --save` or `dksgraph train`), or load it "
+            "yourself if you trust it."
         ) from None
     except Exception as exc:  # a truncated zip, random bytes, an empty file
         raise CheckpointError(
-            f"`{path}` is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"`{path}` is not a readable PyTorch file ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'}). It may be truncated "
-            "or not a checkpoint at all; use a file written by `dksgraph train` or `dksgraph augment --save`."
+            "or not a checkpoint at all; use a file written by `dksgraph train`, `dksgraph augment --save` or "
+            "`torch.save(model.state_dict(), ...)`."
         ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"`{path}` holds a {type(data).__name__}, not a dictionary of tensors; save a "
+                              "state_dict (`torch.save(model.state_dict(), path)`).")
+    return data
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a dksgraph/1 checkpoint without unpickling arbitrary objects."""
+    data = read_tensors(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(

@@ -83,7 +83,7 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
     from dksgraph.summary import TAP_HEADERS, tap_rows
 
     spec = _load(target, input_size, num_classes)
-    model = build_backbone(spec.backbone)
+    model = build_backbone(spec.backbone, pretrained=False)
     t = trace(model, spec.backbone.input_size, spec.backbone.leaf_modules)
     auto = t.auto_taps()
     click.echo(f"{spec.backbone.model} at input {fmt_shape(t.input_size)}: "

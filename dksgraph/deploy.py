@@ -49,7 +49,7 @@ def probe_input(spec: Spec, batch: int = 2, like: nn.Module | None = None) -> to
 def load_augmented(path: str | Path) -> tuple[AugmentedModel, dict]:
     """Rebuild the AugmentedModel a checkpoint was saved from and load its weights strictly."""
     ckpt = load_checkpoint(path)
-    model = augment(checkpoint_spec(ckpt, f"{path} (its spec)"))
+    model = augment(checkpoint_spec(ckpt, f"{path} (its spec)"), pretrained=False)
     load_augmented_state(model, ckpt["model"], path)
     return model, ckpt
 
@@ -175,14 +175,14 @@ def _rebuild(spec: Spec, state: dict) -> nn.Module:
     """
     try:
         with torch.device("meta"):
-            shell = build_backbone(spec.backbone)
+            shell = build_backbone(spec.backbone, pretrained=False)
     except (NotImplementedError, RuntimeError):  # a factory that reads tensor values while initialising
         shell = None
     if shell is not None:
         _strict_load(shell, state, "the backbone weights", spec, assign=True)
         if not any(t.is_meta for t in [*shell.parameters(), *shell.buffers()]):
             return shell
-    original = build_backbone(spec.backbone)
+    original = build_backbone(spec.backbone, pretrained=False)
     _strict_load(original, state, "the backbone weights", spec)
     return original
 

@@ -245,6 +245,12 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
                   aliases, module_end)
 
 
+def valid_taps(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -> list[str]:
+    """Where a branch can attach to ``model`` traced at ``input_size``: the names a spec's ``at:`` takes."""
+    traced = trace(model, input_size, leaf_modules)
+    return [traced.alias(q) for q in traced.valid_taps()]
+
+
 def _downsampling_counts(order: list[str], shapes: dict, h_in: int) -> dict[str, int]:
     """d(v) = round(log2(H_in / H_v)) for feature maps; token sequences (L x D) inherit the last map's d."""
     d: dict[str, int] = {}

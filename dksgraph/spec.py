@@ -47,6 +47,9 @@ class BackboneSpec(_Strict):
         default_factory=list,
         description="Module class names or module paths traced as single nodes (for untraceable code).",
     )
+    weights: str | None = Field(
+        None, description="Start from pretrained weights: a torchvision weights name (IMAGENET1K_V1, DEFAULT), "
+        "`timm`, or a local state_dict / dksgraph checkpoint; the classifier is resized to num_classes.")
 
 
 class TapSpec(_Strict):

@@ -58,17 +58,30 @@ def small_input_size(name: str) -> int:
     return 32 if name.startswith("zoo:") else 64
 
 
-def build_backbone(backbone) -> nn.Module:
-    """Instantiate the network a :class:`~dksgraph.spec.BackboneSpec` names."""
+def build_backbone(backbone, pretrained: bool = True) -> nn.Module:
+    """Instantiate the network a :class:`~dksgraph.spec.BackboneSpec` names, holding its ``weights`` when
+    ``pretrained`` (a run's start; resuming, evaluating and stripping load a checkpoint instead)."""
     name, kwargs = backbone.model, dict(backbone.kwargs)
-    factory = resolve_factory(name)
-    try:
-        model = factory(**kwargs)
-    except TypeError as exc:
+    given = sorted(k for k in ("weights", "pretrained", "pretrained_cfg") if k in kwargs)
+    if given:
         raise SpecError(
-            f"`{name}` does not accept backbone.kwargs {kwargs}: {exc}. "
-            "Fix `backbone.kwargs` in the spec (for example `{num_classes: 100}`)."
-        ) from None
+            f"backbone.kwargs sets {', '.join(given)}; pretrained weights go in `backbone.weights` instead (a "
+            "torchvision weights name such as IMAGENET1K_V1, `timm`, or a local file), which works with any "
+            "num_classes and is not re-read when a run resumes, is evaluated or stripped."
+        )
+    factory = resolve_factory(name)
+    if pretrained and backbone.weights:
+        from dksgraph.models.weights import load_pretrained
+
+        model = load_pretrained(backbone, factory)
+    else:
+        try:
+            model = factory(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(
+                f"`{name}` does not accept backbone.kwargs {kwargs}: {exc}. "
+                "Fix `backbone.kwargs` in the spec (for example `{num_classes: 100}`)."
+            ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"`{name}` returned a {type(model).__name__}, not a torch.nn.Module; point it at a model factory.")
     return model

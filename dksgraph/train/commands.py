@@ -204,7 +204,7 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     target = resolve_device(device)
     check_amp(amp, target)
     configure_backends(target, deterministic=False)
-    model = augment(spec)
+    model = augment(spec, pretrained=False)
     load_augmented_state(model, ckpt["model"], checkpoint)
     model.to(target)
     if channels_last:

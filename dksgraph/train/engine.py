@@ -239,7 +239,7 @@ class Trainer:
             raise DksError("`--sync-bn` synchronises BatchNorm statistics between GPUs (NCCL); it needs CUDA. "
                            "Leave it off on CPU.")
         torch.manual_seed(recipe.seed)  # the same initial weights on every rank
-        model = augment(self.spec)
+        model = augment(self.spec, pretrained=resume is None)
         self.notes: list[str] = []
         if config.sync_bn and self.world.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
