@@ -30,9 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dksgraph.errors import SpecError
-from dksgraph.spec import check_pairs
-
-METHODS = ("dks", "ds", "baseline")
+from dksgraph.spec import METHODS, check_pairs
 
 
 def pair_set(pairs, classifiers: list[str]) -> list[tuple[str, str]]:
@@ -86,8 +84,10 @@ class SynergyLoss(nn.Module):
                       + (["synergy_ce", "synergy_kl"] if self.pairs else []))
 
     @classmethod
-    def for_model(cls, model, method: str = "dks") -> SynergyLoss:
-        """The loss for an AugmentedModel: ``dks`` (taps + pairs), ``ds`` (taps only) or ``baseline``."""
+    def for_model(cls, model, method: str | None = None) -> SynergyLoss:
+        """The loss for an AugmentedModel: ``dks`` (taps + pairs), ``ds`` (taps only) or ``baseline``;
+        by default the method of the model's spec (``train.method``)."""
+        method = method or model.spec.train.method
         if method not in METHODS:
             raise SpecError(f"unknown method `{method}`; choose one of {', '.join(METHODS)}.")
         syn = model.spec.synergy

@@ -69,7 +69,7 @@ def test_corrupt_file(run, tmp_path):
     path = saved(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert "not a readable PyTorch checkpoint" in _strip_error(run, tmp_path, path)
+    assert "not a readable PyTorch file" in _strip_error(run, tmp_path, path)
 
 
 def test_weights_that_do_not_fit_the_spec(run, tmp_path):

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from dksgraph.spec import METHODS as SPEC_METHODS
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = {  # name: (spec, input size, batch)
     "zoo:resnet32": ("resnet32.yaml", 32, 64),
     "torchvision:resnet18": ("resnet18.yaml", 224, 16),
 }
-METHODS = ("baseline", "ds", "dks")
+METHODS = tuple(reversed(SPEC_METHODS))  # baseline, ds, dks: the order of the ratios
 
 
 def sync(device: torch.device) -> None:
