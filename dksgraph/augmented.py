@@ -29,7 +29,7 @@ from dksgraph.graph import Traced, trace
 from dksgraph.loss import pair_set
 from dksgraph.models import build_backbone, main_logits
 from dksgraph.spec import MAIN, Spec
-from dksgraph.tracing import CONSTANTS, graph_module
+from dksgraph.tracing import CONSTANTS, move_constants, view_program
 
 
 class AugmentedModel(nn.Module):
@@ -55,8 +55,7 @@ class AugmentedModel(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)
         for program in self.__dict__["_programs"].values():  # the programs' own constants move along
-            for name in program.__dict__["_constants"]:
-                program.__dict__[name] = fn(program.__dict__[name])
+            move_constants(program, fn)
         return result
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -96,16 +95,7 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.Gr
                 node = new.call_method("clone", (node,))
         features.append(node)
     new.output((out, *features))
-    constants = getattr(graph, CONSTANTS, {})
-    program = graph_module(backbone, new, "TapProgram", constants)
-    # the tensor constants FX found in the forward code belong to the program; everything else is a view, not
-    # a copy, of the backbone's module tree: the program looks its submodules, parameters and buffers up in
-    # the backbone's own tables at every call, so a module swapped in later (SyncBatchNorm's
-    # convert_sync_batchnorm, a user's replacement, `.to()`) is the one that runs
-    own = {name: getattr(program, name) for name in constants}
-    program.__dict__.update(_modules=backbone._modules, _parameters=backbone._parameters,
-                            _buffers=backbone._buffers, _constants=tuple(own), **own)
-    return program
+    return view_program(backbone, new, "TapProgram", getattr(graph, CONSTANTS, {}))
 
 
 def _in_place(node: fx.Node, backbone: nn.Module) -> bool:
@@ -134,7 +124,8 @@ def resolve_taps(spec: Spec, traced: Traced) -> list[tuple[str, str, Any, str]]:
 def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
     """The plan of every tap's branch, deep -> shallow (nothing built)."""
     return [plan_branch(traced, label, node, depth=tap.depth if tap else None, width=tap.width if tap else None,
-                        alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None, reason=reason)
+                        alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None, reason=reason,
+                        copy=spec.branch_copy)
             for label, node, tap, reason in resolve_taps(spec, traced)]
 
 
@@ -148,4 +139,7 @@ def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = Tr
     traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
     plans = plan_taps(spec, traced)
     pair_set(spec.synergy.pairs, [MAIN, *(p.label for p in plans)])  # explicit pairs name existing classifiers
-    return AugmentedModel(spec, backbone, traced, plans, [build_branch(traced, p) for p in plans])
+    built = [build_branch(traced, p, spec.branch_init) for p in plans]
+    model = AugmentedModel(spec, backbone, traced, plans, [branch for branch, _ in built])
+    model.branch_init = built[0][1] if built else "no branches"
+    return model

@@ -19,7 +19,9 @@ Example::
     >>> plan = plan_branch(t, "c2", t.resolve("layer2"), depth=[5], width=[2.0])
     >>> plan.describe(), plan.out_shape
     ('CifarBasicBlock x5 @128', (128, 8, 8))
-    >>> branch = build_branch(t, plan)
+    >>> branch, how = build_branch(t, plan)
+    >>> how
+    "the backbone's own init_weights()"
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ from torch import Tensor, nn
 
 from dksgraph.errors import GraphError
 from dksgraph.formatting import fmt_shape
-from dksgraph.graph import Stage, Traced
+from dksgraph.blocks import Stage
+from dksgraph.branch_init import initialise
+from dksgraph.graph import Traced
 from dksgraph.head import build_head, fresh_copy
+from dksgraph.segments import Unit, build_segment, segment_units, spans, with_depth
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,11 @@ class BranchPlan:
     stages: tuple[StagePlan, ...]
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    units: tuple[Unit, ...] = ()  # a segment branch's pieces of the backbone's graph; empty for built stages
+
+    @property
+    def segment(self) -> bool:
+        return bool(self.units)
 
     def describe(self) -> str:
         if not self.stages:
@@ -273,7 +283,7 @@ def default_depth(stage: Stage) -> int:
     return len(_family_blocks(stage, family))
 
 
-# ---------------------------------------------------------------- blocks without a builder: copies
+# ---------------------------------------------------------------- `branch_copy: blocks`: copies of whole blocks
 
 
 def _plan_copies(stage: Stage, in_shape: tuple[int, ...], depth: int, width: float, label: str) -> tuple[str, tuple]:
@@ -313,26 +323,62 @@ def _build_copies(stage: Stage, depth: int) -> list[nn.Module]:
 
 def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None = None,
                 width: list[float] | None = None, alpha: float = 1.0, tap: str | None = None,
-                reason: str = "") -> BranchPlan:
-    """Decide the branch for a tap at ``node``: its stages, their family, depth, width and shapes (builds nothing)."""
-    stages = traced.branch_stages(node, tap or label)
-    d_tap, d_final, n = traced.d[node], traced.d[traced.final], len(stages)
+                reason: str = "", copy: str = "segment") -> BranchPlan:
+    """Decide the branch for a tap at ``node`` (builds nothing).
+
+    One stage per downsampling between the tap and f. When every one of them is a backbone stage with
+    a block-family builder, the stages are built by the family (``depth`` and ``width`` honoured);
+    otherwise the branch is a segment: a fresh copy of the backbone's own graph from the tap to f
+    (``depth`` may shorten or repeat identical blocks, ``width`` must stay 1). A tap at the last
+    downsampling count gets the head alone. ``copy="blocks"`` (``branch_copy: blocks``, the layout of
+    checkpoints written before segments existed) makes a stage without a builder from fresh copies of
+    its whole blocks instead.
+    """
+    name = tap or label
+    d_tap, d_final = traced.d[node], traced.d[traced.final]
+    n = d_final - d_tap
+    try:
+        stages = traced.branch_stages(node, name)
+        families = [family_of(s) for s in stages]
+    except GraphError:
+        stages, families = [], [None] * n
+    built = n == 0 or all(families) or (copy == "blocks" and len(stages) == n)
+    units = [] if built else segment_units(traced, node)
+    groups = [] if built else spans(traced, node, units)
     for key, given in (("depth", depth), ("width", width)):
         if given is not None and len(given) != n:
+            own = ([default_depth(s) for s in stages] if built else
+                   [sum(u.block for u in group) for _, group in groups])
             raise GraphError(
                 f"tap `{label}`: `{key}` has {len(given)} entr{'y' if len(given) == 1 else 'ies'} but this branch has "
                 f"{n} stage{'s' if n != 1 else ''}: the tap sits at downsampling count {d_tap} and the final feature "
                 f"map at {d_final}, and every classifier must see the same number of downsamplings "
                 f"(DKS, Sec. 3.2). Give {n} value{'s' if n != 1 else ''}"
-                + (f" (the backbone's own depths are {[default_depth(s) for s in stages]})." if n else
-                   ", i.e. omit it.")
+                + (f" (the backbone's own depths are {own})." if n else ", i.e. omit it.")
             )
+    in_shape = traced.shapes[node]
+    if not built:
+        if width is not None and any(w != 1.0 for w in width):
+            missing = [s.name for s, f in zip(stages, families) if f is None] or ["between the tap and the final map"]
+            raise GraphError(
+                f"tap `{label}`: width {width} asks for resized branch stages, but dksgraph has no block-family "
+                f"builder for the backbone's stage(s) {', '.join(missing)}; it copies them from the backbone's own "
+                "graph as they are. Use width 1.0 (or omit `width`) for this tap."
+            )
+        if depth is not None:
+            groups = [(k, with_depth(group, dep, label, group[0].name)) for (k, group), dep in zip(groups, depth)]
+        plans = tuple(StagePlan(k, f"{group[0].name}..{group[-1].name}" if len(group) > 1 else group[0].name, None,
+                                "/".join(dict.fromkeys(u.kind for u in group if u.block)) or "ops",
+                                sum(u.repeat for u in group if u.block), 1.0, group[0].in_shape, group[-1].out_shape)
+                      for k, group in groups if group)
+        units = tuple(u for _, group in groups for u in group)
+        return BranchPlan(label, node, tap or traced.alias(node), d_tap, alpha, reason, plans, in_shape,
+                          traced.shapes[traced.final], units)
     depth = depth or [default_depth(s) for s in stages]
     width = width or [1.0] * n
-    in_shape = shape = traced.shapes[node]
+    shape = in_shape
     plans: list[StagePlan] = []
-    for stage, k, w in zip(stages, depth, width):
-        family = family_of(stage)
+    for stage, family, k, w in zip(stages, families, depth, width):
         if family is None:
             block, out_shape = _plan_copies(stage, shape, k, w, label)
         else:
@@ -350,15 +396,16 @@ def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
     return BranchPlan(label, node, tap or traced.alias(node), d_tap, alpha, reason, tuple(plans), in_shape, shape)
 
 
-def build_branch(traced: Traced, plan: BranchPlan) -> Branch:
-    """The modules of a planned branch, fresh parameters, checked against the plan's shapes."""
-    modules = []
-    for sp in plan.stages:
-        stage = traced.stage_at(sp.d)
-        blocks = (_build_copies(stage, sp.depth) if sp.family is None
-                  else FAMILIES[sp.family].build(stage, sp.in_shape[0], sp.depth, sp.width))
-        modules.append(nn.Sequential(*blocks))
-    body = nn.Sequential(*modules)
+def build_branch(traced: Traced, plan: BranchPlan, init: str = "backbone") -> tuple[Branch, str]:
+    """The modules of a planned branch, fresh parameters initialised like the backbone's (``init``, see
+    :mod:`dksgraph.branch_init`), checked against the plan's shapes; and how they were initialised."""
+    if plan.segment:
+        body = nn.Sequential(*build_segment(traced, plan.units))
+    else:
+        body = nn.Sequential(*[nn.Sequential(*(
+            _build_copies(traced.stage_at(sp.d), sp.depth) if sp.family is None
+            else FAMILIES[sp.family].build(traced.stage_at(sp.d), sp.in_shape[0], sp.depth, sp.width)))
+            for sp in plan.stages])
     with torch.no_grad():
         was = body.training
         body.eval()
@@ -370,4 +417,5 @@ def build_branch(traced: Traced, plan: BranchPlan) -> Branch:
             f"{fmt_shape(plan.out_shape)}. This is a dksgraph bug for this block family; please report it with the "
             "spec."
         )
-    return Branch(body, build_head(traced, out_shape))
+    branch = Branch(body, build_head(traced, out_shape))
+    return branch, initialise(branch, traced.model, init, head=branch.head)

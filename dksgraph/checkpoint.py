@@ -79,11 +79,13 @@ _LEGACY_RECIPE = ("method", "dataset", "data_dir", "epochs", "batch_size", "seed
 
 
 def checkpoint_spec(ckpt: dict[str, Any], source: str):
-    """The spec a checkpoint's run trained with, its whole recipe in ``train:``.
+    """The spec a checkpoint's run trained with: its whole recipe in ``train:``, and the branch layout and
+    initialisation its weights were made with.
 
-    The first release kept the command-line part of the recipe (method, dataset, epochs, batch size,
-    seed, subsets) in the checkpoint's ``config``; it is folded back into ``train:`` here, so those
-    checkpoints resume and evaluate as they were trained.
+    Checkpoints of the first release kept the command-line part of the recipe (method, dataset, epochs,
+    batch size, seed, subsets) in ``config``; it is folded back into ``train:`` here. They also predate
+    segment branches and branch initialisation like the backbone's: their spec gets
+    ``branch_copy: blocks`` and ``branch_init: pytorch``, which rebuild the branches they hold.
     """
     from dksgraph.spec import parse_spec
 
@@ -92,6 +94,8 @@ def checkpoint_spec(ckpt: dict[str, Any], source: str):
     legacy = {k: config[k] for k in _LEGACY_RECIPE if k in config}
     if legacy:
         data["train"] = {**(data.get("train") or {}), **legacy}
+    data.setdefault("branch_copy", "blocks")
+    data.setdefault("branch_init", "pytorch")
     return parse_spec(data, source=source)
 
 

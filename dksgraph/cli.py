@@ -138,6 +138,7 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
                f"taps {'auto' if spec.taps == 'auto' else 'from the spec'}")
     click.echo(format_table(rows, CLASSIFIER_HEADERS))
     click.echo(footer)
+    click.echo(f"branch initialisation: {model.branch_init}")
     from dksgraph.loss import pair_set
 
     pairs = ", ".join(f"{a}->{b}" for a, b in pair_set(spec.synergy.pairs, model.classifiers))

@@ -27,7 +27,7 @@ from torch import nn
 
 from dksgraph.augmented import AugmentedModel, augment, main_program
 from dksgraph.checkpoint import atomic_save, atomic_write, checkpoint_spec, load_checkpoint
-from dksgraph.errors import CheckpointError, DksError
+from dksgraph.errors import CheckpointError, DksError, SpecError
 from dksgraph.models import build_backbone, main_logits
 from dksgraph.spec import Spec
 from dksgraph.tracing import in_mode, trace_graph
@@ -176,7 +176,7 @@ def _rebuild(spec: Spec, state: dict) -> nn.Module:
     try:
         with torch.device("meta"):
             shell = build_backbone(spec.backbone, pretrained=False)
-    except (NotImplementedError, RuntimeError):  # a factory that reads tensor values while initialising
+    except (NotImplementedError, RuntimeError, SpecError):  # a factory that reads tensor values while initialising
         shell = None
     if shell is not None:
         _strict_load(shell, state, "the backbone weights", spec, assign=True)

@@ -21,59 +21,16 @@ Example::
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 from torch import fx, nn
 
+from dksgraph.blocks import Block, GraphFacts, Stage, find_blocks, inside_any, module_spans, stages_of
 from dksgraph.errors import GraphError, close_matches
 from dksgraph.formatting import fmt_shape
-from dksgraph.tracing import check_resolution, propagate_shapes, stride_of, trace_graph
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-@dataclass(frozen=True)
-class Block:
-    """A building-block module whose output is a cut point."""
-
-    path: str
-    module: nn.Module = field(repr=False, compare=False)
-    node: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    d_in: int
-    d: int
-
-    @property
-    def type_name(self) -> str:
-        return type(self.module).__name__
-
-
-@dataclass(frozen=True)
-class Stage:
-    """The run of blocks at downsampling count ``d``; ``downsamples`` when its first block strides."""
-
-    d: int
-    blocks: tuple[Block, ...]
-
-    @property
-    def end(self) -> Block:
-        return self.blocks[-1]
-
-    @property
-    def downsamples(self) -> bool:
-        return self.blocks[0].d_in == self.d - 1
-
-    @property
-    def name(self) -> str:
-        """The stage container's path when all blocks share one (``layer2``), else the block span."""
-        parents = {b.path.rpartition(".")[0] for b in self.blocks}
-        if len(parents) == 1 and "" not in parents:
-            return parents.pop()
-        return f"{self.blocks[0].path}..{self.blocks[-1].path}" if len(self.blocks) > 1 else self.blocks[0].path
+from dksgraph.tracing import check_resolution, propagate_shapes, trace_graph
 
 
 @dataclass
@@ -103,21 +60,15 @@ class Traced:
         return self.aliases.get(node, node)
 
     def valid_taps(self) -> list[str]:
-        """Cut points with a 4-D feature map before f whose branch stages all exist, in graph order."""
+        """Cut points with a feature map (C x H x W, or L x D tokens) before f, in graph order: a branch can
+        start at each (a segment branch copies the backbone's graph from any of them)."""
         idx = self.index
-        return [q for q in self.cut_points if len(self.shapes.get(q, ())) in (2, 3) and idx[q] < idx[self.final]
-                and self._copyable(q)]
-
-    def _copyable(self, node: str) -> bool:
-        try:
-            self.branch_stages(node)
-        except GraphError:
-            return False
-        return True
+        return [q for q in self.cut_points if len(self.shapes.get(q, ())) in (2, 3) and idx[q] < idx[self.final]]
 
     def branch_stages(self, node: str, at: str | None = None) -> list[Stage]:
-        """The backbone stages a branch at ``node`` reproduces, one per downsampling between ``node`` and f
-        (the paper's rule, Sec. 3.2); a GraphError saying why when one of them cannot be copied."""
+        """The backbone stages a branch built from block families reproduces at ``node``, one per downsampling
+        between ``node`` and f (the paper's rule, Sec. 3.2); a GraphError saying why when a downsampling is
+        not a stage's first block (then only a segment branch can reproduce it)."""
         stages = []
         for k in range(self.d[node] + 1, self.d[self.final] + 1):
             stage = self.stage_at(k)
@@ -135,7 +86,7 @@ class Traced:
 
     def inside_block(self, node: str) -> bool:
         """Whether ``node`` is an op inside a building block (not the block's output)."""
-        return _inside(node, self.blocks)
+        return inside_any(node, self.blocks)
 
     def stage_at(self, d: int) -> Stage | None:
         return next((s for s in self.stages if s.d == d), None)
@@ -177,7 +128,6 @@ class Traced:
                 f"sequence; tap a node "
                 f"such as {self._near(idx[node])}."
             )
-        self.branch_stages(node, at)
         return node
 
     def auto_taps(self) -> list[tuple[str, str, str]]:
@@ -233,9 +183,9 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
     check_resolution(model, graph, qual, shapes)
     cut_points = _cut_points(graph, qual)
     index = {q: i for i, q in enumerate(order)}
-    module_first, module_end = _module_spans(model, order)
-    blocks = _blocks(model, module_first, module_end, set(cut_points), shapes, d, index, cut_points)
-    stages = _stages(blocks)
+    _, module_end = module_spans(model, order)
+    blocks = find_blocks(model, GraphFacts.of(graph, shapes, d, cut_points))
+    stages = stages_of(blocks)
     final, head = _final_and_head(graph, qual, cut_points, blocks, shapes, index)
     _check_invariants(blocks, stages, final, index)
     aliases: dict[str, str] = {}
@@ -281,92 +231,6 @@ def _cut_points(graph: fx.Graph, qual) -> list[str]:
     return [qual[n] for n in sorted(chain, key=order.get) if n.op not in ("placeholder", "output")]
 
 
-def _module_spans(model: nn.Module, order: list[str]) -> tuple[dict[str, int], dict[str, str]]:
-    """First node index and last node name of every module scope seen in the graph."""
-    paths = {p for p, _ in model.named_modules() if p}
-    first: dict[str, int] = {}
-    end: dict[str, str] = {}
-    for i, q in enumerate(order):
-        parts = q.split(".")
-        for j in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:j])
-            if prefix in paths:
-                first.setdefault(prefix, i)
-                end[prefix] = q
-    return first, end
-
-
-def _is_container(m: nn.Module) -> bool:
-    """A module that only sequences other composite modules (``layer2``, ``features``, ``denseblock1``)."""
-    if not isinstance(m, _CONTAINERS):
-        return False
-    if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
-        return False
-    if isinstance(m, nn.ModuleDict) and "forward" in type(m).__dict__:
-        return False
-    return any(len(list(c.children())) > 0 for c in m.children())
-
-
-def _is_flat_stack(m: nn.Module) -> bool:
-    """A plain Sequential of single layers that downsamples (VGG's and AlexNet's ``features``, not a
-    classifier's): its layers act as blocks."""
-    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-            and len(m) > 1 and not any(list(c.children()) for c in m.children())
-            and any(stride_of(c) > 1 for c in m.children()))
-
-
-def _blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points) -> list[Block]:
-    """Building blocks: composite children of stage containers, downsampling layers between them, and
-    the layers of flat conv stacks. A model with no stage container is its own (GoogLeNet, Inception);
-    downsampling children of the model after its last stage container are blocks as well."""
-    blocks = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=False)
-    as_root = _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root=True)
-    if not blocks:
-        return as_root
-    # the network's own downsampling children after its last stage container are blocks too (DLA's
-    # level2..level5)
-    last = index[blocks[-1].node]
-    return blocks + [b for b in as_root if "." not in b.path and module_first[b.path] > last and b.d > b.d_in
-                     and b.out_shape[1:] != (1, 1)]  # SqueezeNet's classifier ends in a global pool
-
-
-def _global_pool(m: nn.Module, shape: tuple[int, ...]) -> bool:
-    """A parameter-free module that leaves a 1x1 map (an AdaptiveAvgPool2d, GoogLeNet's pool, timm's
-    SelectAdaptivePool2d) pools globally, whatever its class: it belongs to the head, not a stage."""
-    return len(shape) == 3 and shape[1:] == (1, 1) and next(m.parameters(), None) is None
-
-
-def _find_blocks(model, module_first, module_end, cuts, shapes, d, index, cut_points, root) -> list[Block]:
-    modules = dict(model.named_modules())
-    cut_index = [index[c] for c in cut_points]
-    blocks: list[Block] = []
-    inside: list[str] = []
-    for path, m in modules.items():
-        if not path or path not in module_end or any(path.startswith(b + ".") for b in inside):
-            continue
-        parent_path = path.rpartition(".")[0]
-        parent = modules[parent_path]
-        node = module_end[path]
-        if node not in cuts or len(shapes.get(node, ())) not in (2, 3) or _global_pool(m, shapes[node]):
-            continue
-        pos = bisect.bisect_left(cut_index, module_first[path]) - 1
-        if pos < 0 or len(shapes.get(cut_points[pos], ())) not in (2, 3):
-            continue
-        src = cut_points[pos]
-        composite = bool(list(m.children()))
-        container = _is_container(parent) or (root and parent_path == "")
-        if composite:
-            ok = container and not _is_container(m)
-        else:
-            ok = _is_flat_stack(parent) or (container and d[node] > d[src])
-        if not ok:
-            continue
-        inside.append(path)
-        blocks.append(Block(path, m, node, shapes[src], shapes[node], d[src], d[node]))
-    blocks.sort(key=lambda b: index[b.node])
-    return blocks
-
-
 def _check_invariants(blocks: list[Block], stages: list[Stage], final: str, index: dict[str, int]) -> None:
     """What the rest of dksgraph relies on: along the main path the downsampling count never goes down (so
     each count has one stage), and every block lies at or before the final feature map."""
@@ -389,30 +253,13 @@ def _check_invariants(blocks: list[Block], stages: list[Stage], final: str, inde
         )
 
 
-def _inside(node: str, blocks) -> bool:
-    return any(node.startswith(b.path + ".") for b in blocks)
-
-
-def _stages(blocks: list[Block]) -> list[Stage]:
-    stages: list[Stage] = []
-    run: list[Block] = []
-    for b in blocks:
-        if run and b.d != run[-1].d:
-            stages.append(Stage(run[-1].d, tuple(run)))
-            run = []
-        run.append(b)
-    if run:
-        stages.append(Stage(run[-1].d, tuple(run)))
-    return stages
-
-
 def _final_and_head(graph, qual, cut_points, blocks, shapes, index) -> tuple[str, list[str]]:
     """The final feature map f (last block boundary before the spatial collapse) and the head's nodes."""
     collapse = None
     for i, q in enumerate(cut_points):
         s = shapes.get(q, ())
         vector = len(s) <= 1 or (len(s) == 3 and s[1:] == (1, 1))
-        if i and vector and not _inside(q, blocks) and len(shapes.get(cut_points[i - 1], ())) in (2, 3):
+        if i and vector and not inside_any(q, blocks) and len(shapes.get(cut_points[i - 1], ())) in (2, 3):
             collapse = q
             break
     if collapse is None:

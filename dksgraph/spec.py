@@ -139,6 +139,13 @@ class Spec(_Strict):
     )
     synergy: SynergySpec = Field(default_factory=SynergySpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    branch_copy: Literal["segment", "blocks"] = Field(
+        "segment", description="How a branch stage without a block-family builder is made: `segment`, a fresh copy "
+        "of the backbone's own graph from the tap to the final feature map; or `blocks`, fresh copies of the "
+        "stage's whole blocks (the layout of checkpoints written before segments existed).")
+    branch_init: Literal["backbone", "pytorch"] = Field(
+        "backbone", description="How fresh branch modules are initialised: like the backbone's own (its init "
+        "routine, else Kaiming normal fan-out convolutions), or PyTorch's per-layer defaults.")
 
     @model_validator(mode="after")
     def _consistent_names(self) -> Spec:

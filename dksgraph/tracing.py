@@ -152,6 +152,27 @@ def graph_module(model: nn.Module, graph: fx.Graph, class_name: str = "GraphModu
     return fx.GraphModule(root, graph, class_name)
 
 
+def view_program(root: nn.Module, graph: fx.Graph, class_name: str, constants: dict) -> fx.GraphModule:
+    """``graph`` as a GraphModule that is a view, not a copy, of ``root``'s module tree.
+
+    The program looks its submodules, parameters and buffers up in ``root``'s own tables at every
+    call, so a module swapped into ``root`` later (SyncBatchNorm's ``convert_sync_batchnorm``, a
+    user's replacement, ``.to()``) is the one that runs; only the tensor ``constants`` FX found in
+    the forward code are the program's own (see :func:`move_constants`).
+    """
+    program = graph_module(root, graph, class_name, constants)
+    own = {name: getattr(program, name) for name in constants}
+    program.__dict__.update(_modules=root._modules, _parameters=root._parameters, _buffers=root._buffers,
+                            _constants=tuple(own), **own)
+    return program
+
+
+def move_constants(program: fx.GraphModule, fn) -> None:
+    """Apply a module's ``_apply`` function (``.to()``, ``.half()``) to a view program's own constants."""
+    for name in program.__dict__["_constants"]:
+        program.__dict__[name] = fn(program.__dict__[name])
+
+
 def attribute_at(model: nn.Module, path: str):
     """The attribute a dotted path names (``layer1.0.conv1``, ``fc.weight``)."""
     owner, _, name = path.rpartition(".")
@@ -163,16 +184,25 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(gm)
         self.qual = qual
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.failed: fx.Node | None = None
 
     def run_node(self, n: fx.Node):
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except Exception:
+            self.failed = self.failed or n
+            raise
         if isinstance(out, torch.Tensor):
             self.shapes[self.qual[n]] = tuple(out.shape[1:])
         return out
 
 
 def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...]]:
-    """Per-node output shape (without the batch dimension) for one input of ``input_size``, in eval mode."""
+    """Per-node output shape (without the batch dimension) for one input of ``input_size``, in eval mode.
+
+    An exception raised by the backbone's own code (a shape assertion in an attention module, a kernel
+    larger than its input) becomes a GraphError naming the module, its input shape and the likely fix.
+    """
     gm = graph_module(model, graph)
     recorder = _ShapeRecorder(gm, qual)
     param = next(model.parameters(), None)
@@ -181,12 +211,21 @@ def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...
     try:
         with torch.inference_mode(), in_mode(False, model):
             recorder.run(x)
-    except RuntimeError as exc:
-        msg = str(exc).splitlines()[0]
+    except Exception as exc:
+        node = recorder.failed
+        where = "the forward"
+        if node is not None:
+            inputs = [recorder.shapes.get(recorder.qual[a]) for a in node.all_input_nodes]
+            shown = ", ".join("x".join(map(str, s)) for s in inputs if s)
+            kind = f" ({type(model.get_submodule(node.target)).__name__})" if node.op == "call_module" else ""
+            where = f"`{recorder.qual[node]}`{kind}" + (f" on input {shown}" if shown else "")
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
         raise GraphError(
-            f"running {type(model).__name__} at input_size {list(input_size)} failed: {msg}. If the input is too "
-            "small for the network's downsampling, raise `backbone.input_size` (e.g. [3, 224, 224] for ImageNet "
-            "models); otherwise check `backbone.kwargs`."
+            f"running {type(model).__name__} at input_size {list(input_size)} failed in {where}: "
+            f"{type(exc).__name__}: {msg}. If the input does not suit the network (too small for its downsampling, "
+            "or not the fixed size it was built for), set `backbone.input_size` to its size (e.g. [3, 224, 224] "
+            "for ImageNet models, the size in `backbone.kwargs` for fixed-size ones); if the module's code cannot "
+            "run on the traced graph, add it to `backbone.leaf_modules`."
         ) from None
     return recorder.shapes
 

@@ -84,17 +84,24 @@ def test_depth_list_length_must_match_stage_count():
 
 
 def test_width_on_family_without_builder_is_refused():
-    with pytest.raises(GraphError, match="no builder for that block family"):
+    with pytest.raises(GraphError, match="no block-family builder for the backbone's stage"):
         augment(_spec([{"at": "stage2", "width": [2.0]}], model="toynets:odd_net"))
 
 
-def test_generic_family_copies_blocks_fresh():
+def test_without_a_builder_the_branch_is_a_fresh_copy_of_the_graph_with_depth_applied():
     model = augment(_spec([{"at": "stage1", "name": "c3", "depth": [3, 1]}], model="toynets:odd_net"))
-    stages = model.branches["c3"].stages
-    assert [len(s) for s in stages] == [3, 1]
-    copy, original = stages[0][0], model.backbone.stage2[0]
-    assert type(copy).__name__ == "OddBlock" and copy is not original
-    assert not torch.equal(copy.conv.weight, original.conv.weight)  # re-initialised, not shared
+    plan = model.plans[0]
+    assert plan.segment and [s.depth for s in plan.stages] == [3, 1]
+    # stage2: its first (strided) block, then its last block twice; stage3: only its first block
+    assert [(u.name, u.repeat) for u in plan.units] == [("stage2.0", 1), ("stage2.1", 2), ("stage3.0", 1),
+                                                        ("stage3.1", 0)]
+    pieces = list(model.branches["c3"].stages)
+    assert len(pieces) == 4
+    copy, original = pieces[0].body.get_submodule("stage2.0.conv"), model.backbone.stage2[0].conv
+    assert type(copy) is nn.Conv2d and copy is not original and copy.stride == (2, 2)  # the backbone's own layer
+    assert not torch.equal(copy.weight, original.weight)  # re-initialised, not shared
+    repeated = [p.body.get_submodule("stage2.1.conv") for p in pieces[1:3]]
+    assert repeated[0] is not repeated[1]  # a repeated block has its own parameters  # a repeated block has its own parameters
 
 
 def test_width_scales_channels_for_builder_families():

@@ -82,6 +82,13 @@ def build_backbone(backbone, pretrained: bool = True) -> nn.Module:
                 f"`{name}` does not accept backbone.kwargs {kwargs}: {exc}. "
                 "Fix `backbone.kwargs` in the spec (for example `{num_classes: 100}`)."
             ) from None
+        except Exception as exc:  # the model's own code failed while building
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise SpecError(
+                f"building `{name}` with backbone.kwargs {kwargs} raised {type(exc).__name__}: {first}. The error "
+                "comes from the model's own code; check its arguments (backbone.kwargs) and that it builds on its "
+                "own in Python."
+            ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"`{name}` returned a {type(model).__name__}, not a torch.nn.Module; point it at a model factory.")
     return model

@@ -57,6 +57,10 @@ class MobileNetCifar(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The network's initialisation (dksgraph re-runs it over fresh branches)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
