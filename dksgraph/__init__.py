@@ -14,7 +14,8 @@ The package-level API, importable and callable in any order::
     True
 
 ``load_spec`` / ``parse_spec`` read a spec, ``augment`` builds the AugmentedModel, ``SynergyLoss`` is
-the DKS objective, ``strip`` gives back the original network, ``export`` writes it, ``trace`` and
+the DKS objective, ``strip`` gives back the original network, ``export`` writes any classifier as a
+verified file and ``load_exported`` reads it back, ``trace`` and
 ``valid_taps`` show where branches can go (what ``dksgraph inspect`` prints).
 """
 
@@ -28,12 +29,12 @@ __version__ = "0.1.0"
 _LAZY = {  # imported on first use, so that `import dksgraph` and the command line stay light
     "AugmentedModel": "dksgraph.augmented", "augment": "dksgraph.augmented",
     "SynergyLoss": "dksgraph.loss",
-    "strip": "dksgraph.deploy", "export": "dksgraph.deploy",
+    "strip": "dksgraph.deploy", "export": "dksgraph.deploy", "load_exported": "dksgraph.formats",
     "trace": "dksgraph.graph", "valid_taps": "dksgraph.graph",
 }
 
 __all__ = ["AugmentedModel", "CheckpointError", "DksError", "GraphError", "Spec", "SpecError", "SynergyLoss",
-           "augment", "export", "load_spec", "parse_spec", "strip", "trace", "valid_taps"]
+           "augment", "export", "load_exported", "load_spec", "parse_spec", "strip", "trace", "valid_taps"]
 
 
 def __getattr__(name: str):

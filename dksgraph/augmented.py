@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class AugmentedModel(nn.Module):
         self.traced = traced
         self.plans = list(plans)
         self.classifiers = [MAIN, *(p.label for p in plans)]
+        self.eval_output = "all"
         self._build_programs()
 
     def _build_programs(self) -> None:
@@ -58,7 +60,26 @@ class AugmentedModel(nn.Module):
             move_constants(program, fn)
         return result
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def __deepcopy__(self, memo: dict) -> AugmentedModel:
+        """A copy whose programs view the copy's backbone (the traced graphs are shared: they are read only)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in ("_programs", "traced"):
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__["traced"] = self.traced
+        new._build_programs()
+        return new
+
+    def forward(self, x: Tensor) -> dict[str, Tensor] | Tensor:
+        """``{classifier: logits}``; only the ``main`` logits tensor in eval mode when ``eval_output == "main"``
+        (for evaluation loops written for plain networks, such as torchvision's and timm's)."""
+        if not self.training and self.eval_output == "main":
+            return self.forward_main(x)
+        return self.logits(x)
+
+    def logits(self, x: Tensor) -> dict[str, Tensor]:
+        """Every classifier's logits, ``main`` first, whatever ``eval_output`` says."""
         result, *features = self.__dict__["_programs"][self.training](x)
         logits = {MAIN: main_logits(result)}
         for (label, branch), feature in zip(self.branches.items(), features):
@@ -129,11 +150,15 @@ def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
             for label, node, tap, reason in resolve_taps(spec, traced)]
 
 
-def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = True) -> AugmentedModel:
+def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = True,
+            eval_output: str = "all") -> AugmentedModel:
     """Build (or take) the backbone, trace it, plan a branch per tap and build the branches.
 
-    ``pretrained=False`` skips ``backbone.weights`` (for a model about to receive a checkpoint's weights).
+    ``pretrained=False`` skips ``backbone.weights`` (for a model about to receive a checkpoint's weights);
+    ``eval_output="main"`` makes the model return only the ``main`` logits in eval mode.
     """
+    if eval_output not in ("all", "main"):
+        raise ValueError(f"eval_output must be 'all' or 'main', not {eval_output!r}")
     if backbone is None:
         backbone = build_backbone(spec.backbone, pretrained)
     traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
@@ -142,4 +167,5 @@ def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = Tr
     built = [build_branch(traced, p, spec.branch_init) for p in plans]
     model = AugmentedModel(spec, backbone, traced, plans, [branch for branch, _ in built])
     model.branch_init = built[0][1] if built else "no branches"
+    model.eval_output = eval_output
     return model

@@ -60,7 +60,8 @@ class StagePlan:
 
     @property
     def out_channels(self) -> int:
-        return self.out_shape[0]
+        """Channels of a C x H x W map, the width D of an L x D token sequence."""
+        return self.out_shape[-1] if len(self.out_shape) == 2 else self.out_shape[0]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class BranchPlan:
     def describe(self) -> str:
         if not self.stages:
             return "head only"
+        if self.segment:  # copied graph: the map it ends at (token sequences and channels-last maps included)
+            return "segment: " + ", ".join(f"{s.block} x{s.depth} -> {fmt_shape(s.out_shape)}" for s in self.stages)
         return ", ".join(f"{s.block} x{s.depth} @{s.out_channels}" for s in self.stages)
 
 

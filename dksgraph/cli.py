@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from dksgraph.errors import DksError
+from dksgraph.formats import FORMATS, SUFFIXES
 from dksgraph.formatting import fmt_shape
 
 
@@ -164,6 +165,27 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
         click.echo(f"saved untrained checkpoint {path}")
 
 
+def _write_classifier(checkpoint: str, output: str | None, name: str, fmt: str, members: list[str] | None,
+                      default_suffix: str) -> None:
+    from dksgraph.deploy import BRANCHES, export
+
+    source = Path(checkpoint)
+    out = Path(output) if output else source.with_name(source.stem + default_suffix)
+    if out.resolve() == source.resolve():
+        raise DksError(f"the output `{out}` is the checkpoint itself; give another path with `-o`.")
+    done = export(source, out, name, fmt, members)
+    ckpt = done.checkpoint
+    what = f"`{name}`" + (f" ({', '.join(members)})" if members else "")
+    click.echo(f"verified: {what} as {fmt}: {done.check.describe()} against the augmented model")
+    extra = f" and {done.path.name}.json" if fmt == "state_dict" else ""
+    click.echo(f"wrote {done.path}{extra} ({done.parameters / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
+    if name == "main":
+        branch_keys = [k for k in ckpt["model"] if k.startswith(BRANCHES)]
+        labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
+        dropped = sum(ckpt["model"][k].numel() for k in branch_keys)
+        click.echo(f"dropped {len(labels)} branches with {dropped / 1e6:.3f}M values: what remains is the original network")
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -171,26 +193,32 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
 @click.option("--format", "fmt", type=click.Choice(["state_dict", "torchscript"]), default="state_dict",
               show_default=True, help="state_dict loads into the model's own class with weights_only=True.")
 def strip(checkpoint: str, output: str | None, fmt: str) -> None:
-    """Remove every branch, verify the original network bit for bit, and write it."""
-    from dksgraph.checkpoint import checkpoint_spec
-    from dksgraph.deploy import BRANCHES, export, strip_checkpoint
+    """Remove every branch, verify the original network bit for bit, and write it (`export` of `main`)."""
+    _write_classifier(checkpoint, output, "main", fmt, None,
+                      ".stripped.pt" if fmt == "state_dict" else ".stripped.torchscript.pt")
 
-    source = Path(checkpoint)
-    out = Path(output) if output else source.with_name(
-        source.stem + (".stripped.pt" if fmt == "state_dict" else ".stripped.torchscript.pt"))
-    if out.resolve() == source.resolve():
-        raise DksError(f"the output `{out}` is the checkpoint itself; give another path with `-o`.")
-    original, ckpt = strip_checkpoint(source)
-    spec = checkpoint_spec(ckpt, str(source))
-    path = export(original, out, spec, fmt)
-    n = sum(p.numel() for p in original.parameters())
-    branch_keys = [k for k in ckpt["model"] if k.startswith(BRANCHES)]
-    labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
-    dropped = sum(ckpt["model"][k].numel() for k in branch_keys)
-    click.echo(f"verified: stripped {spec.backbone.model} equals the augmented `main` output bit for bit "
-               f"(eval mode, {fmt_shape(spec.backbone.input_size)} input)")
-    click.echo(f"wrote {path} ({fmt}, {n / 1e6:.3f}M parameters; dropped {len(labels)} branches with "
-               f"{dropped / 1e6:.3f}M values; epoch {ckpt.get('epoch', '?')})")
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--classifier", "name", default="main", show_default=True, metavar="NAME",
+              help="main (the original network), an auxiliary classifier (c2, c3, ...) or ensemble.")
+@click.option("--classifiers", "members", metavar="A,B", help="With --classifier ensemble: its members (default: all).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="state_dict", show_default=True,
+              help="state_dict (+ JSON sidecar), exported (torch.export), onnx (needs the `export` extra) or "
+                   "torchscript.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output file (default: CHECKPOINT's name with `.NAME` and the format's suffix).")
+def export(checkpoint: str, name: str, members: str | None, fmt: str, output: str | None) -> None:
+    """Write one classifier of a checkpoint as a standalone model, verified against the augmented model first.
+
+    \b
+      dksgraph export runs/r32/best.pt --classifier c2 --format exported
+      dksgraph export runs/r32/best.pt --classifier ensemble --classifiers main,c2 --format onnx
+    """
+    chosen = [m.strip() for m in members.split(",") if m.strip()] if members else None
+    if chosen and name != "ensemble":
+        raise DksError("`--classifiers` names an ensemble's members; use it with `--classifier ensemble`.")
+    _write_classifier(checkpoint, output, name, fmt, chosen, f".{name}{SUFFIXES[fmt]}")
 
 
 @cli.command()

@@ -17,22 +17,23 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dksgraph.augmented import AugmentedModel, augment, main_program
-from dksgraph.checkpoint import atomic_save, atomic_write, checkpoint_spec, load_checkpoint
+from dksgraph.checkpoint import checkpoint_spec, load_checkpoint
 from dksgraph.errors import CheckpointError, DksError, SpecError
+from dksgraph.formats import SIDECAR, SUFFIXES, Check, identical
+from dksgraph.formats import write as write_format
 from dksgraph.models import build_backbone, main_logits
-from dksgraph.spec import Spec
+from dksgraph.spec import MAIN, Spec
 from dksgraph.tracing import in_mode, trace_graph
 
-FORMATS = ("state_dict", "torchscript")
 PREFIX = "backbone."
 BRANCHES = "branches."
 
@@ -120,40 +121,63 @@ def verify(spec: Spec, original: nn.Module, reference: Callable[[torch.Tensor], 
         )
 
 
-def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.equal``, with NaNs at the same positions counted equal (an untrained ResNet-1202 overflows)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export` wrote and how it was verified."""
+
+    path: Path
+    fmt: str
+    classifier: str
+    check: Check
+    parameters: int
+    checkpoint: dict | None  # the checkpoint it came from, when it came from a file
 
 
-def export(original: nn.Module, path: str | Path, spec: Spec, fmt: str = "state_dict") -> Path:
-    """Write the stripped network atomically as a state_dict or a verified TorchScript module."""
-    if fmt == "state_dict":
-        return atomic_save(original.state_dict(), path)
-    if fmt == "torchscript":
-        x = probe_input(spec, like=original)
-        try:  # torch.jit is deprecated upstream but still the portable deployment format
-            with warnings.catch_warnings(), in_mode(False, original):
-                warnings.simplefilter("ignore", FutureWarning)
-                try:
-                    program = torch.jit.script(original)
-                except Exception:
-                    program = torch.jit.trace(original, x)
-                with torch.no_grad():
-                    same = identical(main_logits(program(x)), main_logits(original(x)))
-        except Exception as exc:
-            raise DksError(
-                f"TorchScript export of `{spec.backbone.model}` failed ({str(exc).splitlines()[0][:200]}); use "
-                "`--format state_dict`, which loads into the model's own class."
-            ) from None
-        if not same:
-            raise DksError("the TorchScript module's output differs from the network's; nothing was written. "
-                           "Use `--format state_dict`.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return atomic_write(path, lambda f: torch.jit.save(program, f))
-    raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
+def export(source: AugmentedModel | str | Path, path: str | Path | None = None, classifier_name: str = MAIN,
+           fmt: str = "state_dict", members: list[str] | None = None) -> Exported:
+    """Write one classifier of an AugmentedModel or checkpoint: ``main`` (the stripped original network), an
+    auxiliary one (``c2``, ...) or ``ensemble`` (of ``members``, default all), as ``fmt`` (state_dict, exported,
+    onnx, torchscript), each verified against the augmented model before anything is written.
+
+    >>> export("runs/r32/best.pt", "r32-c2.pt2", "c2", "exported")          # doctest: +SKIP
+    """
+    from dksgraph.classifiers import check_name, classifier
+
+    ckpt = None
+    if classifier_name == MAIN:  # stripping a file builds only the backbone
+        module, ckpt = (strip(source), None) if isinstance(source, AugmentedModel) else strip_checkpoint(source)
+        spec = source.spec if isinstance(source, AugmentedModel) else checkpoint_spec(ckpt, str(source))
+        module = module.eval()
+    else:
+        model, ckpt = (source, None) if isinstance(source, AugmentedModel) else load_augmented(source)
+        spec = model.spec
+        check_name(model, classifier_name, members)
+        module = classifier(model, classifier_name, members)
+        _verify_classifier(model, module, classifier_name, members)
+    if path is None:
+        if isinstance(source, AugmentedModel):
+            raise DksError("give the output path: export(model, path, ...).")
+        path = Path(source).with_name(f"{Path(source).stem}.{classifier_name}{SUFFIXES.get(fmt, '')}")
+    sidecar = {"format": SIDECAR, "classifier": classifier_name, "members": members,
+               "model": spec.backbone.model, "kwargs": dict(spec.backbone.kwargs),
+               "input_size": list(spec.backbone.input_size), "spec": spec.model_dump(mode="json")}
+    probes = [probe_input(spec, batch, like=module) for batch in (2, 3)]
+    check = write_format(module, path, fmt, probes, sidecar)
+    return Exported(Path(path), fmt, classifier_name, check, sum(p.numel() for p in module.parameters()), ckpt)
+
+
+def _verify_classifier(model: AugmentedModel, module: nn.Module, name: str, members: list[str] | None) -> None:
+    """The standalone classifier gives exactly what the augmented model gives for it (eval mode)."""
+    from dksgraph.classifiers import ENSEMBLE, mean_softmax
+
+    x = probe_input(model.spec, like=module)
+    with torch.no_grad(), in_mode(False, model):
+        logits = model.logits(x)
+        want = mean_softmax([logits[m] for m in (members or model.classifiers)]) if name == ENSEMBLE else logits[name]
+        got = module(x)
+    if not identical(want, got):
+        raise DksError(f"the standalone `{name}` classifier differs from the augmented model's output; nothing was "
+                       f"written. This is a dksgraph bug for `{model.spec.backbone.model}`; please report it.")
 
 
 def backbone_state(state: dict) -> OrderedDict:

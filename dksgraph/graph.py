@@ -202,7 +202,8 @@ def valid_taps(model: nn.Module, input_size, leaf_modules: list[str] | None = No
 
 
 def _downsampling_counts(order: list[str], shapes: dict, h_in: int) -> dict[str, int]:
-    """d(v) = round(log2(H_in / H_v)) for feature maps; token sequences (L x D) inherit the last map's d."""
+    """d(v) = round(log2(H_in / H_v)) for feature maps. A token sequence (L x D) whose L is a square grid of h x h
+    tokens (plus up to two class tokens) counts as a map of height h; any other inherits the last count."""
     d: dict[str, int] = {}
     last = 0
     for q in order:
@@ -210,7 +211,9 @@ def _downsampling_counts(order: list[str], shapes: dict, h_in: int) -> dict[str,
         if len(s) == 3 and s[1] > 0:
             last = d[q] = round(math.log2(h_in / s[1]))
         elif len(s) == 2:
-            d[q] = last
+            grid = next((h for extra in (0, 1, 2) if s[0] - extra >= 4
+                         for h in [math.isqrt(s[0] - extra)] if h * h == s[0] - extra), None)
+            last = d[q] = round(math.log2(h_in / grid)) if grid else last
     return d
 
 

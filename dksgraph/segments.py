@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +31,7 @@ from torch import fx, nn
 from dksgraph.errors import GraphError
 from dksgraph.graph import Traced
 from dksgraph.head import fresh_copy
-from dksgraph.tracing import CONSTANTS, attribute_at, move_constants, view_program
+from dksgraph.tracing import CONSTANTS, attribute_at, copy_view, move_constants, view_program
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ class Piece(nn.Module):
         for program in self.__dict__["_programs"].values():
             move_constants(program, fn)
         return result
+
+    def __deepcopy__(self, memo: dict) -> Piece:  # the copy's programs view the copy's modules
+        body = copy.deepcopy(self.body, memo)
+        piece = Piece(body, {mode: copy_view(p, body, memo) for mode, p in self.__dict__["_programs"].items()})
+        piece.train(self.training)
+        return piece
 
 
 def build_piece(traced: Traced, unit: Unit) -> Piece:

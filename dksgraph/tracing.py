@@ -12,6 +12,7 @@ that the models timm's own FX feature extraction handles trace here too.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import sys
@@ -171,6 +172,12 @@ def move_constants(program: fx.GraphModule, fn) -> None:
     """Apply a module's ``_apply`` function (``.to()``, ``.half()``) to a view program's own constants."""
     for name in program.__dict__["_constants"]:
         program.__dict__[name] = fn(program.__dict__[name])
+
+
+def copy_view(program: fx.GraphModule, root: nn.Module, memo: dict) -> fx.GraphModule:
+    """A :func:`view_program` like ``program`` over ``root`` (a deep copy of its root), for ``__deepcopy__``."""
+    constants = {name: copy.deepcopy(program.__dict__[name], memo) for name in program.__dict__["_constants"]}
+    return view_program(root, program.graph, type(program).__name__, constants)
 
 
 def attribute_at(model: nn.Module, path: str):

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BRING_YOUR_OWN = {"torch", "torchvision", "numpy", "timm", "matplotlib"}  # large, and already beside PyTorch
+# large, and already beside PyTorch on GPU servers
+BRING_YOUR_OWN = {"torch", "torchvision", "numpy", "timm", "matplotlib", "onnx", "onnxscript", "onnxruntime"}
 
 
 def _array(text: str, key: str) -> list[str]:

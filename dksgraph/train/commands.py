@@ -177,8 +177,12 @@ def _has_cuda() -> bool:
 @click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: 0 on CPU).")
 @click.option("--data-on-device", is_flag=True, help="Decode the test set once onto the device (CIFAR-sized data).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the accuracies to this JSON file.")
+@click.option("--costs", is_flag=True, help="Also measure every classifier's parameters, FLOPs and CPU latency "
+              "(batch 1 and 32): the table for choosing which classifier to ship.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="With --costs: accuracy vs FLOPs as PNG or SVG "
+              "(needs matplotlib, the `plots` extra).")
 def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, device, amp, channels_last, workers,
-             data_on_device, json_out) -> None:
+             data_on_device, json_out, costs, plot) -> None:
     """Top-1 / top-5 accuracy of every classifier of a checkpoint, and of their ensemble, on the whole test set.
 
     Only the model and the test set are built; any checkpoint evaluates on any machine (a run
@@ -189,7 +193,7 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     from dksgraph.augmented import augment
     from dksgraph.spec import apply_overrides
     from dksgraph.deploy import load_augmented_state
-    from dksgraph.formatting import format_table
+    from dksgraph.formatting import fmt_shape, format_table
     from dksgraph.train import distributed
     from dksgraph.checkpoint import atomic_write, load_checkpoint, checkpoint_spec
     from dksgraph.train.runconfig import RunConfig
@@ -218,6 +222,19 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
                f"test set ({batches.num_images} images{f', first {limit_eval_batches} batches' if limit_eval_batches else ''}"
                f") on {target}{f', {amp} autocast' if amp != 'none' else ''}:")
     click.echo(format_table(rows, ["classifier", "top-1 %", "top-5 %"]))
+    if costs:
+        from dksgraph import costs as cost_lib
+
+        measured = cost_lib.classifier_costs(model.eval(), {n: record[f"test/acc1/{n}"] for n in names
+                                                            if f"test/acc1/{n}" in record})
+        click.echo(f"\ncosts per classifier (CPU, {torch.get_num_threads()} threads, median of repeated runs; "
+                   f"input {fmt_shape(spec.backbone.input_size)}):")
+        click.echo(cost_lib.markdown(measured))
+        record["costs"] = measured
+        if plot:
+            click.echo(f"wrote {cost_lib.plot(measured, plot)}")
+    elif plot:
+        raise DksError("`--plot` draws the costs; add `--costs`.")
     if json_out:
         record.update({"epoch": ckpt.get("epoch"), "images": batches.num_images, "dataset": spec.train.dataset,
                        "limit_eval_batches": limit_eval_batches})

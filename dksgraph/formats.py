@@ -1,0 +1,278 @@
+"""Deployment file formats: write a classifier, read the file back, verify it, and only then keep it.
+
+* ``state_dict``: ``torch.save(module.state_dict())`` plus a JSON sidecar (``FILE.json``: the model,
+  its kwargs, input size, number of classes, the classifier) from which :func:`load_exported`
+  rebuilds the module in one line; ``main``'s state_dict loads into the model's own class too.
+* ``exported``: a ``torch.export`` program with a dynamic batch size (``torch.export.save``);
+  ``torch.export.load(path).module()`` runs it with no dksgraph import.
+* ``onnx``: ONNX with a dynamic batch size (PyTorch's dynamo exporter; the ``export`` extra).
+* ``torchscript``: a TorchScript module (scripted, else traced; deprecated upstream, kept for old runtimes).
+
+Every file is written under a temporary name in its folder, read back and checked against the
+classifier's output on two probe batches (sizes 2 and 3): ``torch.equal`` for state_dict, exported
+and TorchScript; onnxruntime's output within :data:`ONNX_TOLERANCE` x max(1, max |logit|). A file
+that fails is removed, and nothing is written under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dksgraph.errors import CheckpointError, DksError
+
+if TYPE_CHECKING:  # PyTorch is imported where it is used: the command line reads the names above without it
+    import torch
+    from torch import nn
+
+SUFFIXES = {"state_dict": ".pt", "exported": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = tuple(SUFFIXES)
+SIDECAR = "dksgraph-export/1"
+ONNX_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Check:
+    """How a written file was verified."""
+
+    fmt: str
+    max_abs_diff: float
+    tolerance: float | None  # None: bit for bit
+
+    def describe(self) -> str:
+        if self.tolerance is None:
+            return "equal bit for bit (torch.equal) on probe batches of 2 and 3"
+        return (f"max abs difference {self.max_abs_diff:.2e} <= tolerance {self.tolerance:.2e} (onnxruntime, probe "
+                "batches of 2 and 3)")
+
+
+def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tensor], sidecar: dict) -> Check:
+    """Write ``module`` as ``fmt`` to ``path`` if, read back, it reproduces ``module`` on ``probes``."""
+    if fmt not in SUFFIXES:
+        raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
+    if fmt == "onnx":
+        _need_onnx()
+    import torch
+
+    from dksgraph.checkpoint import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{SUFFIXES[fmt]}")
+    module.eval()
+    with torch.no_grad():
+        wanted = [module(x) for x in probes]
+    try:
+        _WRITERS[fmt](module, tmp, probes[0])
+        if fmt == "state_dict":
+            atomic_write(_sidecar(tmp), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
+        check = _check(fmt, _reader(fmt, tmp), probes, wanted)
+        if fmt == "state_dict":
+            os.replace(_sidecar(tmp), _sidecar(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _sidecar(tmp).unlink(missing_ok=True)
+    return check
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, with NaNs at the same positions counted equal (an untrained ResNet-1202 overflows)."""
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _check(fmt: str, run: Callable[[torch.Tensor], torch.Tensor], probes, wanted) -> Check:
+    import torch
+
+    diffs = []
+    for x, want in zip(probes, wanted):
+        got = run(x)
+        if fmt != "onnx":
+            if not identical(got, want):
+                diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf")
+                raise DksError(f"the {fmt} file does not reproduce the classifier (max abs difference {diff:.3g} on a "
+                               f"batch of {len(x)}); nothing was written. Please report this with the spec.")
+            diffs.append(0.0)
+        else:
+            diffs.append((got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf"))
+    if fmt != "onnx":
+        return Check(fmt, 0.0, None)
+    tolerance = ONNX_TOLERANCE * max(1.0, max(float(w.abs().max()) for w in wanted))
+    if max(diffs) > tolerance:
+        raise DksError(f"the ONNX file differs from the classifier by up to {max(diffs):.3g} under onnxruntime "
+                       f"(tolerance {tolerance:.3g}); nothing was written. Export `--format exported` instead, and "
+                       "please report this with the spec.")
+    return Check(fmt, max(diffs), tolerance)
+
+
+# ------------------------------------------------------------------------------------------ writers and readers
+
+def _batch_dim():
+    import torch
+
+    return torch.export.Dim("batch", min=1, max=1 << 16)
+
+
+def _write_state_dict(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+    import torch
+
+    from dksgraph.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: torch.save(module.state_dict(), f))
+
+
+def _write_exported(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+    import torch
+
+    try:
+        program = torch.export.export(module, (x,), dynamic_shapes=({0: _batch_dim()},))
+    except Exception as exc:
+        raise DksError(f"torch.export could not capture this classifier ({type(exc).__name__}: "
+                       f"{(str(exc).strip().splitlines() or [''])[0][:200]}); nothing was written. Try "
+                       "`--format state_dict` or `--format onnx`.") from None
+    torch.export.save(program, str(path))
+
+
+def _write_onnx(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+    import torch
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: _batch_dim()},),
+                                        input_names=["images"], output_names=["logits"], verbose=False)
+            program.save(str(path))
+    except Exception as exc:
+        raise DksError(f"the ONNX exporter could not convert this classifier ({type(exc).__name__}: "
+                       f"{(str(exc).strip().splitlines() or [''])[0][:200]}); nothing was written. Try "
+                       "`--format exported`.") from None
+
+
+def _write_torchscript(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+    import torch
+
+    from dksgraph.checkpoint import atomic_write
+
+    try:  # torch.jit is deprecated upstream but still the portable format of older runtimes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.jit.script(module)
+            except Exception:
+                program = torch.jit.trace(module, x)
+            atomic_write(path, lambda f: torch.jit.save(program, f))
+    except Exception as exc:
+        raise DksError(f"TorchScript export failed ({(str(exc).strip().splitlines() or [''])[0][:200]}); nothing "
+                       "was written. Use `--format exported` or `--format state_dict`.") from None
+
+
+_WRITERS = {"state_dict": _write_state_dict, "exported": _write_exported, "onnx": _write_onnx,
+            "torchscript": _write_torchscript}
+
+
+def _reader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
+
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.jit.load(str(path), map_location="cpu")
+        return _no_grad(program)
+    if fmt == "exported":
+        return _no_grad(torch.export.load(str(path)).module())
+    return _no_grad(load_exported(path))
+
+
+def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def _need_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise DksError(f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing); install them "
+                       "with `pip install 'dksgraph[export]'`, or use `--format exported`.") from None
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild an exported classifier in one line: a ``.pt2`` program, or a state_dict with its JSON sidecar.
+
+    >>> model = load_exported("resnet32.main.pt")          # doctest: +SKIP
+    """
+    import torch
+
+    from dksgraph.checkpoint import read_tensors
+
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if path.suffix == ".pt2" or not sidecar.is_file() and _is_archive(path):
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as exc:
+            raise CheckpointError(f"`{path}` is not a readable torch.export program ({type(exc).__name__}); it may "
+                                  "be truncated.") from None
+    if not sidecar.is_file():
+        raise CheckpointError(f"`{sidecar}` is missing: dksgraph rebuilds a state_dict from the JSON file `dksgraph "
+                              "export` writes beside it. Keep the two together (or load the state_dict into the "
+                              "model's own class yourself).")
+    try:
+        info = json.loads(sidecar.read_text())
+        assert info.get("format") == SIDECAR
+    except (json.JSONDecodeError, AssertionError):
+        raise CheckpointError(f"`{sidecar}` is not a dksgraph export sidecar ({SIDECAR}); it is damaged.") from None
+    module = rebuild(info)
+    module.load_state_dict(read_tensors(path, "exported state_dict"), strict=True)
+    return module.eval()
+
+
+def _is_archive(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("archive_format") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def rebuild(info: dict) -> nn.Module:
+    """The (untrained) module a sidecar describes."""
+    from dksgraph.augmented import augment
+    from dksgraph.classifiers import classifier
+    from dksgraph.models import build_backbone
+    from dksgraph.spec import MAIN, parse_spec
+
+    spec = parse_spec(info["spec"], source="the export's sidecar")
+    if info["classifier"] == MAIN:
+        return build_backbone(spec.backbone, pretrained=False)
+    return classifier(augment(spec, pretrained=False), info["classifier"], info.get("members"))
