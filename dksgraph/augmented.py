@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from dksgraph.branches import Branch, BranchPlan, build_branch, plan_branch
-from dksgraph.errors import GraphError
+from dksgraph.errors import GraphError, SpecError
 from dksgraph.graph import Traced, trace
 from dksgraph.loss import pair_set
 from dksgraph.models import build_backbone, main_logits
@@ -40,7 +40,11 @@ class AugmentedModel(nn.Module):
                  branches: list[Branch]) -> None:
         super().__init__()
         self.backbone = backbone
-        self.branches = nn.ModuleDict({p.label: b for p, b in zip(plans, branches)})
+        try:
+            self.branches = nn.ModuleDict({p.label: b for p, b in zip(plans, branches)})
+        except KeyError as exc:
+            raise SpecError(f"a tap's name cannot name a branch module ({exc.args[0]}); give the tap another "
+                            "`name` in the spec.") from None
         self.spec = spec
         self.traced = traced
         self.plans = list(plans)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,44 +23,90 @@ from typing import Any, BinaryIO
 
 import torch
 
-from dksgraph.errors import CheckpointError
+from dksgraph.errors import CheckpointError, WriteError
 
 FORMAT = "dksgraph/1"
 
 
+TEMP_SUFFIX = ".tmp"  # every file dksgraph writes is first `.NAME.XXXX.tmp` in the same folder
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through a temp file in the same folder, fsync, then rename: never a half-written file."""
+    """Write through a temp file in the same folder, fsync, rename, fsync the folder: a crash at any moment
+    leaves either the old file or the new one, never a half-written one. The file gets the permissions
+    the user's umask gives new files. A failed write (disk full, no permission) leaves nothing behind and
+    raises :class:`WriteError` naming the path and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise WriteError(
+            f"could not write `{path}`: {exc.strerror or exc} (errno {exc.errno}). Nothing was half-written"
+            f"{' and the previous file is intact' if path.exists() else ''}. Free some space, fix the folder's "
+            "permissions, or write to another folder (`--out`, `-o`)."
+        ) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temp files of writes that a killed process never finished (call with the folder's lock held)."""
+    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def link_file(source: str | Path, target: str | Path) -> Path:
     """Make ``target`` the same file as ``source`` atomically: a hard link (no second write of a large
     checkpoint), or a copy where the file system has no hard links."""
     source, target = Path(source), Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link{TEMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
     except OSError:
-        atomic_write(target, lambda f: f.write(source.read_bytes()))
-        return target
+        def copy(f: BinaryIO) -> None:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        return atomic_write(target, copy)
     try:
         os.replace(tmp, target)
-    except BaseException:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        raise WriteError(f"could not write `{target}`: {exc.strerror or exc}; the previous file is intact.") from None
     return target
 
 

@@ -17,14 +17,15 @@ from dksgraph.formatting import fmt_shape
 
 
 class _Group(click.Group):
-    """Turns a DksError anywhere in a command into its message and exit status 2."""
+    """Turns a DksError anywhere in a command into its message and its exit status (2 for bad input)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except DksError as exc:
-            click.echo(textwrap.fill(f"Error: {exc}", width=100), err=True)
-            ctx.exit(2)
+            click.echo(textwrap.fill(f"Error: {exc}", width=100, break_on_hyphens=False, break_long_words=False),
+                       err=True)
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 
 
 class DksError(Exception):
-    """A problem with the user's input, explained in one paragraph."""
+    """A problem with the user's input, explained in one paragraph (exit status :attr:`exit_code`)."""
+
+    exit_code = 2
 
 
 class SpecError(DksError):
@@ -25,6 +27,16 @@ class GraphError(DksError):
 
 class CheckpointError(DksError):
     """A checkpoint file is missing, corrupt, foreign or does not fit its spec."""
+
+
+class WriteError(DksError):
+    """A file could not be written (disk full, no permission, read-only folder); nothing was half-written."""
+
+
+class RunAborted(DksError):
+    """A training run stopped for a reason outside the user's input (another rank died): exit status 1."""
+
+    exit_code = 1
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:

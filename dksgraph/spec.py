@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -32,7 +32,14 @@ MAIN = "main"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Sizes beyond these are typos, not experiments; refusing them keeps a mistyped spec from building a network
+# that fills the machine's memory.
+MAX_DEPTH, MAX_WIDTH, MAX_SIDE, MAX_CHANNELS, MAX_CLASSES = 512, 16.0, 2048, 64, 100_000
+Depth = Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+Width = Annotated[float, Field(gt=0, le=MAX_WIDTH)]
 
 
 class BackboneSpec(_Strict):
@@ -40,7 +47,8 @@ class BackboneSpec(_Strict):
 
     model: str = Field(description="zoo:NAME | torchvision:NAME | timm:NAME | package.module:callable")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the model factory.")
-    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+    input_size: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNELS)], Annotated[int, Field(ge=1, le=MAX_SIDE)],
+                      Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(
         (3, 224, 224), description="C, H, W used for tracing and shape propagation."
     )
     leaf_modules: list[str] = Field(
@@ -51,19 +59,28 @@ class BackboneSpec(_Strict):
         None, description="Start from pretrained weights: a torchvision weights name (IMAGENET1K_V1, DEFAULT), "
         "`timm`, or a local state_dict / dksgraph checkpoint; the classifier is resized to num_classes.")
 
+    @model_validator(mode="after")
+    def _sane_classes(self) -> BackboneSpec:
+        classes = self.kwargs.get("num_classes")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                    or not 1 <= classes <= MAX_CLASSES):
+            raise ValueError(f"kwargs.num_classes must be a whole number from 1 to {MAX_CLASSES:,}, not {classes!r}")
+        return self
+
 
 class TapSpec(_Strict):
     """One auxiliary classifier: where it taps the backbone and how its branch is sized."""
 
     at: str = Field(description="FX node name or module path, as `dksgraph inspect` lists them.")
-    name: str | None = Field(None, description="Label in logs and outputs; default: `at`.")
-    depth: list[PositiveInt] | None = Field(None, description="Blocks per branch stage.")
-    width: list[PositiveFloat] | None = Field(None, description="Channel multiplier per branch stage.")
+    name: str | None = Field(None, pattern=r"^[^.]+$",
+                             description="Label in logs and outputs (no dots); default: `at` with `_` for `.`.")
+    depth: list[Depth] | None = Field(None, description=f"Blocks per branch stage (1 to {MAX_DEPTH}).")
+    width: list[Width] | None = Field(None, description=f"Channel multiplier per branch stage (up to {MAX_WIDTH:g}).")
     alpha: NonNegativeFloat = Field(1.0, description="Weight of this classifier's cross-entropy.")
 
     @property
     def label(self) -> str:
-        return self.name or self.at
+        return self.name or self.at.replace(".", "_")
 
     @model_validator(mode="after")
     def _same_lengths(self) -> TapSpec:

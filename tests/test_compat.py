@@ -26,7 +26,7 @@ def test_a_first_release_checkpoint_strips_evaluates_and_resumes(run, tmp_path):
     assert "odd (dks)" in evaluated.output and "synthetic test set (256 images)" in evaluated.output
     resumed = run("train", "--resume", "r/last.pt")  # its recipe lived in `config` then; it is read from there
     assert resumed.exit_code == 0, resumed.output
-    assert "epochs 2..2" in resumed.output
+    assert "from epoch 2 to epoch 2" in resumed.output
     ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["spec"]["train"]["epochs"] == 2 and ckpt["spec"]["train"]["method"] == "dks"
 

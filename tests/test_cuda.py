@@ -13,7 +13,7 @@ from conftest import write
 from dksgraph.deploy import strip
 from dksgraph.checkpoint import load_checkpoint
 from dksgraph.train.device_data import random_crop_flip
-from dksgraph.train.engine import Trainer
+from dksgraph.train.trainer import Trainer
 from test_device_data import crop_params, probe_images
 from test_train import TOY, config, interrupted_run, toy
 from test_train_runtime import torchrun

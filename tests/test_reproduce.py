@@ -12,7 +12,7 @@ from dksgraph import grid as grid_lib
 from dksgraph import report
 from dksgraph.errors import DksError, SpecError
 from dksgraph.spec import parse_spec
-from dksgraph.train.engine import Trainer
+from dksgraph.train.trainer import Trainer
 from dksgraph.train.runconfig import RunConfig
 
 TOY = f"""
@@ -26,7 +26,7 @@ train: {{dataset: synthetic, num_classes: 10, epochs: 2, batch_size: 16, limit_t
 
 def reproduce(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def test_toy_grid_runs_resumes_nothing_twice_and_reports_the_runs_metrics(tmp_path):
@@ -154,11 +154,11 @@ def test_ctrl_c_stops_the_grid_and_the_next_invocation_goes_on(tmp_path):
                              "runs"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     first = tmp_path / "runs" / "resnet32-baseline-s0" / "last.pt"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline:  # let the first run finish an epoch
-        time.sleep(0.2)
+    deadline = time.time() + 600  # a safety net: the first epoch takes seconds
+    while not first.exists() and time.time() < deadline and proc.poll() is None:  # let the first run save once
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; run the same command again" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "resnet32-dks-s0" / "last.pt").exists()  # the next run never started

@@ -14,7 +14,7 @@ from dksgraph.errors import DksError
 from dksgraph.spec import apply_overrides, parse_spec
 from dksgraph.deploy import strip
 from dksgraph.checkpoint import load_checkpoint, checkpoint_spec
-from dksgraph.train.engine import Trainer
+from dksgraph.train.trainer import Trainer
 from dksgraph.train.runconfig import RunConfig
 
 TOY = {"name": "toy", "backbone": {"model": "toynets:drop_net", "kwargs": {"num_classes": 10},
@@ -93,7 +93,7 @@ def test_resume_from_the_cli(run, tmp_path):
     interrupted_run(tmp_path / "r")
     result = run("train", "--resume", "r/last.pt", "--epochs", 2)  # the run's own value: accepted
     assert result.exit_code == 0, result.output
-    assert "epochs 2..2" in result.output
+    assert "from epoch 2 to epoch 2" in result.output
     assert load_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 2
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
 

@@ -20,7 +20,8 @@ from dksgraph.spec import RECIPE_OVERRIDES, load_spec, parse_spec
 from dksgraph.train import distributed, engine, seeds
 from dksgraph.checkpoint import link_file, load_checkpoint
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, transforms_for
-from dksgraph.train.engine import Trainer, configure_backends, train_one_epoch
+from dksgraph.train.engine import configure_backends, train_one_epoch
+from dksgraph.train.trainer import Trainer
 from dksgraph.train.runconfig import RunConfig
 from test_train import TOY, config, interrupted_run, toy
 
@@ -364,8 +365,8 @@ def test_images_cross_as_uint8_and_are_normalised_on_the_device_like_to_tensor_n
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     batches = LoaderBatches(dataset, 6, ShardSampler(6, shuffle=False), Normalizer(mean, std, torch.device("cpu")),
                             torch.device("cpu"), 0, train=False)
-    raw, _ = next(iter(batches.loader))
-    assert raw.dtype == torch.uint8
+    (raw, _), bad = next(iter(batches.loader))
+    assert raw.dtype == torch.uint8 and bad == []
     x, y = next(iter(batches))
     reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     order = ShardSampler(6, shuffle=False).keys()
@@ -406,8 +407,10 @@ def test_eval_builds_only_the_model_and_the_test_set(run, tmp_path, monkeypatch)
     splits = []
     real = engine.load_split
     monkeypatch.setattr(engine, "load_split", lambda *a, **k: splits.append(a[3]) or real(*a, **k))
-    monkeypatch.setattr(engine.optim_lib, "build", lambda *a, **k: pytest.fail("eval built an optimiser"))
-    monkeypatch.setattr(engine, "Trainer", None)
+    from dksgraph.train import optim, trainer
+
+    monkeypatch.setattr(optim, "build", lambda *a, **k: pytest.fail("eval built an optimiser"))
+    monkeypatch.setattr(trainer, "Trainer", None)
     result = run("eval", "r/last.pt", "--limit-eval-batches", 1)
     assert result.exit_code == 0, result.output
     assert splits == ["test"]

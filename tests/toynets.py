@@ -354,3 +354,12 @@ class OwnInitNet(OddNet):
 
 def own_init_net(num_classes: int = 10) -> OwnInitNet:
     return OwnInitNet(num_classes)
+
+
+def pid_net(num_classes: int = 10) -> DropNet:
+    """DropNet that writes its process id to $DKS_TEST_PIDS/rank$RANK.pid (for fault tests)."""
+    folder = os.environ.get("DKS_TEST_PIDS")
+    if folder:
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+    return DropNet(num_classes)

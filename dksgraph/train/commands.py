@@ -66,6 +66,12 @@ def _runtime_options(f):
                      "epoch."),
         click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches per "
                      "epoch."),
+        click.option("--save-every", type=click.IntRange(min=1), help="Also write last.pt every N optimiser steps "
+                     "inside an epoch (a resume continues at the next step)."),
+        click.option("--skip-bad-images/--no-skip-bad-images", default=None, help="Leave out images that cannot be "
+                     "read (counted in the log) instead of stopping with their path."),
+        click.option("--collective-timeout", type=click.FloatRange(min=1), help="Seconds a rank waits for the "
+                     "others under torchrun before the run stops (default 600)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -88,13 +94,12 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
       dksgraph train --resume runs/r32-dks/last.pt --device cpu
       torchrun --nproc-per-node 8 -m dksgraph train specs/resnet50.yaml --amp bf16 --channels-last
     """
+    from dksgraph.checkpoint import checkpoint_spec, remove_stale_temps
     from dksgraph.spec import apply_overrides, load_spec
-    from dksgraph.formatting import format_table
     from dksgraph.train import distributed
-    from dksgraph.checkpoint import load_checkpoint, checkpoint_spec
-    from dksgraph.train.engine import Trainer, prepare_run_folder
     from dksgraph.train.runconfig import RunConfig
-    from dksgraph.train.metrics import SUMMARY_HEADERS, summary_rows
+    from dksgraph.train.runlock import RunLock
+    from dksgraph.train.trainer import Trainer, prepare_run_folder
 
     runtime_names = {f.name for f in fields(RunConfig)}
     runtime = {k: v for k, v in flags.items() if k in runtime_names and v is not None}
@@ -104,7 +109,7 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
         if spec_path or out:
             raise DksError("`--resume` continues the run in the checkpoint's own folder with its own spec; drop the "
                            "SPEC argument and `--out`.")
-        ckpt = load_checkpoint(resume)
+        ckpt = _resumable(resume)
         if "optimizer" not in ckpt:
             raise DksError(f"`{resume}` is an untrained checkpoint with no training state; start a run from its "
                            "spec instead of resuming it.")
@@ -129,33 +134,90 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
             raise DksError("give a spec file (e.g. `dksgraph train specs/resnet32.yaml`) or `--resume last.pt`.")
         spec = apply_overrides(load_spec(spec_path), source=spec_path, **recipe)
         config = RunConfig(out=out or f"runs/{spec.display_name}-{spec.train.method}", **runtime)
-        if distributed.from_env().is_main:
-            prepare_run_folder(Path(config.out), overwrite)
-    trainer = Trainer(spec, config, resume=ckpt)
+    world, folder = distributed.from_env(), Path(config.out)
+    lock = RunLock(folder) if world.is_main else None
     try:
-        if trainer.world.is_main:
-            data = ("on the device" if config.data_on_device else
-                    f"DataLoader, {trainer.train_batches.loader.num_workers} workers")
-            click.echo(f"training {spec.display_name} ({trainer.recipe.method}) on {trainer.device} "
-                       f"x{trainer.world.size}: {trainer.train_batches.num_images} train / "
-                       f"{trainer.test_batches.num_images} test images ({data}), epochs "
-                       f"{trainer.epoch + 1}..{trainer.recipe.epochs}, run folder {config.out}")
-            for note in trainer.notes:
-                click.echo(f"  {note}")
-        try:
-            history = trainer.fit()
-        except KeyboardInterrupt:
-            if trainer.world.is_main:
-                click.echo(f"\ninterrupted; continue with: dksgraph train --resume {Path(config.out) / 'last.pt'}",
+        if lock is not None:
+            lock.acquire()
+            if lock.taken_over:
+                click.echo(f"took over {lock.path} from pid {lock.taken_over.get('pid')}, which no longer runs",
                            err=True)
-            raise SystemExit(130) from None
-        if trainer.world.is_main and history:
-            click.echo(format_table(summary_rows(history, trainer.loss_fn.classifiers + ["ensemble"]),
-                                    SUMMARY_HEADERS))
-            click.echo(f"checkpoints: {Path(config.out) / 'last.pt'}, {Path(config.out) / 'best.pt'}; "
-                       f"metrics: {Path(config.out) / 'metrics.csv'}")
+            stale = remove_stale_temps(folder)
+            if stale:
+                click.echo(f"removed {len(stale)} temp file(s) of writes that a stopped process never finished",
+                           err=True)
+            if not resume:
+                prepare_run_folder(folder, overwrite)
+        trainer = Trainer(spec, config, resume=ckpt)
+        _train(trainer, spec, config, world)
     finally:
         distributed.teardown()
+        if lock is not None:
+            lock.release()
+
+
+def _train(trainer, spec, config, world) -> None:
+    """Run ``trainer`` and report: the summary, a preemption (exit 143 / 130), a dead rank (exit 1)."""
+    from dksgraph.errors import RunAborted
+    from dksgraph.formatting import format_table
+    from dksgraph.train.metrics import SUMMARY_HEADERS, summary_rows
+    from dksgraph.train.trainer import Preempted
+
+    if world.is_main:
+        data = ("on the device" if config.data_on_device else
+                f"DataLoader, {trainer.train_batches.loader.num_workers} workers")
+        start = f"epoch {trainer.epoch + 1}" + (f" step {trainer.step + 1}" if trainer.step else "")
+        click.echo(f"training {spec.display_name} ({trainer.recipe.method}) on {trainer.device} "
+                   f"x{trainer.world.size}: {trainer.train_batches.num_images} train / "
+                   f"{trainer.test_batches.num_images} test images ({data}), from {start} to epoch "
+                   f"{trainer.recipe.epochs}, run folder {config.out}")
+        for note in trainer.notes:
+            click.echo(f"  {note}")
+    try:
+        history = trainer.fit()
+    except Preempted as exc:
+        if world.is_main:
+            click.echo(f"\n{exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if world.is_main:
+            click.echo(f"\ninterrupted; continue with: dksgraph train --resume {Path(config.out) / 'last.pt'}",
+                       err=True)
+        raise SystemExit(130) from None
+    except RuntimeError as exc:
+        if not world.distributed:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RunAborted(
+            f"rank {world.rank} lost the other processes of this run ({type(exc).__name__}: {first}): another rank "
+            f"died or hung for longer than `--collective-timeout` ({config.collective_timeout:g} s). `"
+            f"{Path(config.out) / 'last.pt'}` holds the last saved position; continue with `torchrun ... -m dksgraph "
+            f"train --resume {Path(config.out) / 'last.pt'}`."
+        ) from None
+    if world.is_main and history:
+        click.echo(format_table(summary_rows(history, trainer.loss_fn.classifiers + ["ensemble"]), SUMMARY_HEADERS))
+        click.echo(f"checkpoints: {Path(config.out) / 'last.pt'}, {Path(config.out) / 'best.pt'}; "
+                   f"metrics: {Path(config.out) / 'metrics.csv'}")
+
+
+def _resumable(path: str) -> dict:
+    """The checkpoint to resume, or an error that offers the run's ``best.pt`` when ``last.pt`` is broken."""
+    from dksgraph.checkpoint import load_checkpoint
+    from dksgraph.errors import CheckpointError
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        best = Path(path).with_name("best.pt")
+        hint = ""
+        if best.is_file() and best.resolve() != Path(path).resolve():
+            try:
+                older = load_checkpoint(best)
+                hint = (f" The run's `{best}` (epoch {older.get('epoch', '?')}) is readable: continue from it with "
+                        f"`dksgraph train --resume {best}`.")
+            except CheckpointError:
+                pass
+        raise CheckpointError(f"{exc}{hint}") from None
 
 
 def _has_cuda() -> bool:

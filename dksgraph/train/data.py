@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,7 +109,47 @@ class SeededDataset(Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            return self.dataset[int(index)]
+            return read_item(self.dataset, int(index))
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image that could not be read, in place of a sample: its file and why."""
+
+    path: str
+    reason: str
+
+
+def read_item(dataset: Dataset, index: int):
+    """``dataset[index]``, or a :class:`BadImage` when the image cannot be decoded (truncated, not an image)."""
+    try:
+        return dataset[index]
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, unidentified, broken headers
+        return BadImage(_path_of(dataset, index), f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}")
+
+
+def _path_of(dataset: Dataset, index: int) -> str:
+    if isinstance(dataset, Subset):
+        return _path_of(dataset.dataset, dataset.indices[index])
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index][0]) if samples is not None else f"item {index} of {type(dataset).__name__}"
+
+
+def collate_readable(items: list):
+    """The default collation of the readable samples, and the unreadable ones apart."""
+    from torch.utils.data import default_collate
+
+    bad = [i for i in items if isinstance(i, BadImage)]
+    good = [i for i in items if not isinstance(i, BadImage)]
+    return (default_collate(good) if good else None), bad
+
+
+def bad_image_error(bad: list[BadImage], skipped: int) -> DksError:
+    return DksError(
+        f"cannot read the image `{bad[0].path}` ({bad[0].reason}){f' and {len(bad) - 1} more in this batch' if len(bad) > 1 else ''}. "
+        "Replace or delete the file, or pass `--skip-bad-images` to train without the images that cannot be read "
+        f"(the run counts them in its log){f'; {skipped} were skipped before it' if skipped else ''}."
+    )
 
 
 def load_split(train: TrainSpec, input_size, num_classes: int, split: str, data_dir: str | None = None,
@@ -195,10 +236,11 @@ class ShardSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, size: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0) -> None:
         self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world, shuffle, seed
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The (seed, epoch) order, starting after this rank's first ``skip`` keys."""
+        self.epoch, self.skip = epoch, skip
 
     def keys(self) -> list[tuple[int, int]]:
         if self.shuffle:
@@ -209,15 +251,15 @@ class ShardSampler(Sampler[tuple[int, int]]):
         else:
             order = epoch_order(self.size, 0, 0)[0].tolist()
             seeds = [0] * self.size
-        return list(zip(order, seeds))[self.rank::self.world]
+        return list(zip(order, seeds))[self.rank::self.world][self.skip:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.keys())
 
     def __len__(self) -> int:
         if self.shuffle:
-            return math.ceil(self.size / self.world)
-        return len(range(self.rank, self.size, self.world))
+            return max(0, math.ceil(self.size / self.world) - self.skip)
+        return max(0, len(range(self.rank, self.size, self.world)) - self.skip)
 
 
 class Normalizer:
@@ -243,26 +285,34 @@ class LoaderBatches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, sampler: ShardSampler, normalize: Normalizer,
-                 device: torch.device, workers: int, train: bool, seed: int = 0) -> None:
+                 device: torch.device, workers: int, train: bool, seed: int = 0, skip_bad: bool = False) -> None:
         self.sampler, self.normalize, self.device = sampler, normalize, device
-        self.dataset = dataset
+        self.dataset, self.batch_size, self.skip_bad = dataset, batch_size, skip_bad
+        self.skipped = 0  # unreadable images left out so far (with `skip_bad`)
         self.loader = DataLoader(
             SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+            generator=torch.Generator().manual_seed(seed), collate_fn=collate_readable)
 
     @property
     def num_images(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Order the next pass by (seed, epoch), starting after ``skip_steps`` batches (a mid-epoch resume)."""
+        self.sampler.set_epoch(epoch, skip_steps * self.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
+        for batch, bad in self.loader:
+            if bad and not self.skip_bad:
+                raise bad_image_error(bad, self.skipped)
+            self.skipped += len(bad)
+            if batch is None:
+                continue
+            x, y = batch
             yield (self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True))
 
 

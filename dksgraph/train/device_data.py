@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dksgraph.errors import DksError
 from dksgraph.formatting import fmt_shape
-from dksgraph.train.data import Normalizer
+from dksgraph.train.data import BadImage, Normalizer, bad_image_error, read_item
 from dksgraph.train.seeds import DEVICE_AUGMENT, derive, epoch_order
 
 AUGMENTATIONS = ("cifar", "none")  # the pipelines this path reproduces
@@ -61,14 +61,15 @@ class DeviceBatches:
                  train: bool, augmentation: str, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.images, self.labels, self.batch_size, self.normalize = images, labels, batch_size, normalize
         self.train, self.augment = train, train and augmentation == "cifar"
-        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.seed, self.rank, self.world, self.epoch, self.skip = seed, rank, world, 0, 0
 
     @property
     def num_images(self) -> int:
         return len(self.labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Order the next pass by (seed, epoch), starting after ``skip_steps`` batches (a mid-epoch resume)."""
+        self.epoch, self.skip = epoch, skip_steps
 
     def _indices(self) -> torch.Tensor:
         size = len(self.labels)
@@ -89,21 +90,26 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
         gen = torch.Generator(device=self.images.device)
-        gen.manual_seed(derive(self.seed, self.epoch, DEVICE_AUGMENT, self.rank))
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]
-            if self.augment:
+            if self.augment:  # each batch's draws from its own (seed, epoch, rank, batch) stream
+                gen.manual_seed(derive(self.seed, self.epoch, DEVICE_AUGMENT, self.rank, b))
                 x = random_crop_flip(x, 4, gen)
             yield self.normalize(x), self.labels[idx]
 
 
-def decode(dataset: Dataset, input_size, device: torch.device, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of an untransformed split as one uint8 N x C x H x W tensor (and the labels) on ``device``."""
+def decode(dataset: Dataset, input_size, device: torch.device, workers: int = 0,
+           skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an untransformed split as one uint8 N x C x H x W tensor (and the labels) on ``device``;
+    an image that cannot be read stops it, or is left out with ``skip_bad``."""
     want = tuple(input_size)
     images, labels = [], []
     for items in DataLoader(_Decoded(dataset), batch_size=500, num_workers=workers, collate_fn=_as_list):
-        for image, label in items:
+        bad = [i for i in items if isinstance(i, BadImage)]
+        if bad and not skip_bad:
+            raise bad_image_error(bad, 0)
+        for image, label in (i for i in items if not isinstance(i, BadImage)):
             if tuple(image.shape) != want:
                 raise DksError(
                     f"`--data-on-device` keeps CIFAR-sized datasets on the device as they are, but an image of this "
@@ -132,5 +138,8 @@ class _Decoded(Dataset):
     def __getitem__(self, i: int):
         from torchvision.transforms.functional import pil_to_tensor
 
-        image, label = self.dataset[i]
+        item = read_item(self.dataset, i)
+        if isinstance(item, BadImage):
+            return item
+        image, label = item
         return (image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))), label

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,13 +42,17 @@ def from_env() -> World:
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
-def setup(device: torch.device) -> World:
-    """Join the process group torchrun describes (if any); pins this process to its GPU on CUDA."""
+def setup(device: torch.device, timeout: float = 600.0) -> World:
+    """Join the process group torchrun describes (if any); pins this process to its GPU on CUDA.
+
+    A collective that waits longer than ``timeout`` seconds for the other ranks (one of them died)
+    fails instead of hanging.
+    """
     world = from_env()
     if world.distributed and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     return world
 
 

@@ -35,6 +35,9 @@ class RunConfig:
     deterministic: bool = False
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
+    save_every: int | None = None  # also write last.pt every N optimiser steps inside an epoch
+    skip_bad_images: bool = False
+    collective_timeout: float = 600.0  # seconds a rank waits for the others before giving up
     log_every: int = 10
 
     @classmethod

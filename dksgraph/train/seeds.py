@@ -5,8 +5,8 @@
   never equals seed s + 1 at epoch e - 1. Every rank computes the same order and takes its shard.
 * Each image's augmentation is drawn from its own seed (see :class:`~dksgraph.train.data.SeededDataset`),
   so it does not depend on the number of ranks, of loader workers, or on where a run was resumed.
-* The process RNGs (dropout, stochastic depth) are reseeded at the start of every epoch from
-  (seed, epoch, rank): ranks draw different dropout masks, and a run resumed at an epoch boundary
+* The process RNGs (dropout, stochastic depth) are reseeded before every training step from
+  (seed, epoch, step, rank): ranks draw different dropout masks, and a run resumed at any step
   continues with the numbers the uninterrupted run would have drawn.
 
 Example::
@@ -41,9 +41,9 @@ def epoch_order(size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarra
     return rng.permutation(size), rng.integers(0, 2**63 - 1, size=size, dtype=np.int64)
 
 
-def seed_process(seed: int, epoch: int, rank: int) -> int:
-    """Seed torch (CPU and every GPU), ``random`` and numpy's global RNG for one rank's epoch."""
-    s = derive(seed, epoch, PROCESS, rank)
+def seed_process(seed: int, epoch: int, rank: int, step: int = 0) -> int:
+    """Seed torch (CPU and every GPU), ``random`` and numpy's global RNG for one rank's training step."""
+    s = derive(seed, epoch, PROCESS, rank, step)
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2**32)
