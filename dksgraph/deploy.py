@@ -12,7 +12,7 @@ written by any earlier release strips whatever the branch builders have become s
 Example::
 
     >>> original = strip("runs/r32/last.pt")                 # doctest: +SKIP
-    >>> export(original, "resnet32.pt", spec)                # doctest: +SKIP
+    >>> export("runs/r32/last.pt", "resnet32.pt")            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -143,6 +143,12 @@ def export(source: AugmentedModel | str | Path, path: str | Path | None = None, 
     """
     from dksgraph.classifiers import check_name, classifier
 
+    if not isinstance(source, (AugmentedModel, str, Path)):
+        raise DksError(
+            f"export() takes an AugmentedModel or a checkpoint path, not a {type(source).__name__}: pass the "
+            "augmented model (or its checkpoint) and it strips and verifies the classifier itself; a network "
+            "you stripped already is saved with torch.save(network.state_dict(), path)."
+        )
     ckpt = None
     if classifier_name == MAIN:  # stripping a file builds only the backbone
         module, ckpt = (strip(source), None) if isinstance(source, AugmentedModel) else strip_checkpoint(source)

@@ -42,3 +42,20 @@ def run(tmp_path, monkeypatch):
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def image_folder(root: Path, per_class: int = 3, suffix: str = ".png", corrupt: Path | None = None) -> Path:
+    """A tiny ImageFolder dataset (train/ and test/, classes a and b, random 32x32 images); ``corrupt``
+    (relative to ``root``) is then overwritten with bytes that are no image."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=gen).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}{suffix}")
+    if corrupt is not None:
+        (root / corrupt).write_bytes(b"\xff\xd8\xff not really an image")
+    return root

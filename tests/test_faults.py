@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, write
+from conftest import ROOT, image_folder, write
 from dksgraph.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from dksgraph.errors import WriteError
 from test_train import TOY, config, toy
@@ -266,21 +265,9 @@ def test_a_truncated_last_checkpoint_names_the_file_and_offers_best(run, tmp_pat
     assert "`r/best.pt` (epoch" in flat and "--resume r/best.pt" in flat and "Traceback" not in flat
 
 
-def image_folder(root: Path, corrupt: bool) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(8):
-                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=gen).numpy()
-                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
-    if corrupt:
-        (root / "train" / "b" / "3.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
-
-
 @pytest.mark.parametrize("data_on_device", [False, True])
 def test_a_corrupt_image_stops_the_run_with_its_path_or_is_skipped(run, tmp_path, data_on_device):
-    image_folder(tmp_path / "data", corrupt=True)
+    image_folder(tmp_path / "data", per_class=8, suffix=".jpg", corrupt=Path("train/b/3.jpg"))
     write(tmp_path / "toy.yaml", json.dumps({**TOY, "train": {**TOY["train"], "dataset": "imagefolder",
                                                               "data_dir": "data", "batch_size": 4}}))
     device = ["--data-on-device"] if data_on_device else []

@@ -8,6 +8,7 @@ from dksgraph.augmented import augment
 from dksgraph.spec import load_spec, parse_spec
 from dksgraph.deploy import export, identical, probe_input, strip
 from dksgraph.checkpoint import save_checkpoint
+from dksgraph.errors import DksError
 
 
 def assert_stripped_equals(model, original):
@@ -66,8 +67,7 @@ def test_strip_checkpoint_loads_into_stock_class(tmp_path):
     spec = parse_spec({"name": "r18", "backbone": {"model": "torchvision:resnet18", "input_size": [3, 64, 64]}})
     model = augment(spec)
     save_checkpoint(tmp_path / "init.pt", spec, model)
-    original = strip(tmp_path / "init.pt")
-    export(original, tmp_path / "r18.pt", spec)
+    export(tmp_path / "init.pt", tmp_path / "r18.pt")
     stock = torchvision.models.resnet18()
     stock.load_state_dict(torch.load(tmp_path / "r18.pt", weights_only=True))
     assert_stripped_equals(model, stock)
@@ -78,12 +78,19 @@ def test_torchscript_export_matches(tmp_path):
     spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
     model = augment(spec)
     original = strip(model)
-    path = export(original, tmp_path / "r32.ts.pt", spec, "torchscript")
+    path = export(model, tmp_path / "r32.ts.pt", "main", "torchscript").path
     scripted = torch.jit.load(str(path))
     x = torch.randn(2, 3, 32, 32)
     original.eval()
     with torch.no_grad():
         assert torch.equal(scripted(x), original(x))
+
+
+def test_export_refuses_a_plain_module(tmp_path):
+    spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
+    with pytest.raises(DksError, match="AugmentedModel or a checkpoint path"):
+        export(strip(augment(spec)), tmp_path / "r32.pt")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name", ["mnasnet0_5", "regnet_x_400mf", "convnext_tiny", "efficientnet_b0"])

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import ROOT, write
+from conftest import ROOT, image_folder, write
 from dksgraph.augmented import augment
 from dksgraph.loss import SynergyLoss
 from dksgraph.spec import RECIPE_OVERRIDES, load_spec, parse_spec
@@ -352,13 +352,7 @@ def test_loader_workers_persist_across_epochs():
 def test_images_cross_as_uint8_and_are_normalised_on_the_device_like_to_tensor_normalize(tmp_path):
     from torchvision import transforms as T
 
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(3):
-                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=gen).numpy()
-                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    image_folder(tmp_path)
     spec = toy(dataset="imagefolder", data_dir=str(tmp_path))
     recipe = spec.train.model_copy(update={"augmentation": "none"})
     dataset, _ = load_split(recipe, (3, 32, 32), 10, "test")

@@ -24,13 +24,16 @@ else
 fi
 $DKS train $SPECS/resnet32.yaml --method dks --num-classes 10 --epochs 3 "${DATA[@]}" \
     --out runs/resnet32-dks --overwrite
-$DKS eval runs/resnet32-dks/best.pt
+$DKS eval runs/resnet32-dks/best.pt --costs          # every classifier: accuracy, parameters, FLOPs, CPU latency
 $DKS strip runs/resnet32-dks/best.pt -o resnet32-dks.pt
+$DKS export runs/resnet32-dks/best.pt --classifier c2 --format exported -o resnet32-dks-c2.pt2
 $PY -c "
 import torch
 from dksgraph.models.cifar_resnet import resnet32
 m = resnet32(num_classes=10)
 m.load_state_dict(torch.load('resnet32-dks.pt', weights_only=True))
 print('resnet32-dks.pt loads into the plain CIFAR ResNet-32 (strict, weights_only=True)')
+c2 = torch.export.load('resnet32-dks-c2.pt2').module()
+print('resnet32-dks-c2.pt2 (the auxiliary classifier c2 alone) runs with torch.export.load:', tuple(c2(torch.randn(2, 3, 32, 32)).shape))
 "
-echo "demo outputs in demo/: *.augmented.svg, runs/resnet32-dks/ (checkpoints, metrics.csv), resnet32-dks.pt"
+echo "demo outputs in demo/: *.augmented.svg, runs/resnet32-dks/ (checkpoints, metrics.csv), resnet32-dks.pt, resnet32-dks-c2.pt2"
