@@ -155,6 +155,23 @@ def test_sigterm_mid_epoch_saves_the_position_and_the_resume_is_bit_identical(tm
     assert [r["train/total"] for r in reference.history] == [r["train/total"] for r in resumed.history]
 
 
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(tmp_path):
+    """A shell starts background jobs with SIGINT ignored; training must not turn Ctrl-C back on."""
+    from dksgraph.train.trainer import Trainer
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (0, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = Trainer(toy(), config(tmp_path / "r", limit_train_batches=2), on_step=interrupt)
+        assert len(trainer.fit()) == trainer.recipe.epochs
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.faults
 def test_sigterm_to_the_command_line_exits_143_with_the_resume_command(tmp_path, reference):
     write(tmp_path / "toy.yaml", json.dumps(TOY))

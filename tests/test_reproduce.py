@@ -144,6 +144,14 @@ def test_tables_from_fixed_metrics(tmp_path):
     assert "| net | DKS | 0.4(0.0) | 22.0(0.0) | 2.00 |" in report.time_table(results)
 
 
+def _interruptible():
+    """Start with Ctrl-C's default action, as a terminal's foreground job does, even when the tests
+    themselves run in the background of a shell (which starts them with SIGINT ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_grid_and_the_next_invocation_goes_on(tmp_path):
     import signal
     import time
@@ -152,7 +160,7 @@ def test_ctrl_c_stops_the_grid_and_the_next_invocation_goes_on(tmp_path):
     grid_file = write(tmp_path / "toy.yaml", slower)
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "reproduce.py"), str(grid_file), "--runs-dir",
                              "runs"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     first = tmp_path / "runs" / "resnet32-baseline-s0" / "last.pt"
     deadline = time.time() + 600  # a safety net: the first epoch takes seconds
     while not first.exists() and time.time() < deadline and proc.poll() is None:  # let the first run save once

@@ -201,8 +201,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             log = RunLog(self.out, self.history)
         handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if threading.current_thread() is threading.main_thread():  # a signal the process was started
+            # ignoring (SIGINT of a shell's background job) stays ignored, as Python itself leaves it
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+                        if signal.getsignal(s) is not signal.SIG_IGN}
         first = True
         try:
             while self.epoch < self.recipe.epochs:
