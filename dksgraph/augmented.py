@@ -9,6 +9,7 @@ backbone's submodules up at every call, so a module swapped into the backbone la
 
 Example::
 
+    >>> import torch
     >>> from dksgraph.spec import parse_spec
     >>> spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
     >>> model = augment(spec)
@@ -21,7 +22,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 from dksgraph.branches import Branch, BranchPlan, build_branch, plan_branch

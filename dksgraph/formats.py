@@ -97,8 +97,6 @@ def _sidecar(path: Path) -> Path:
 
 
 def _check(fmt: str, run: Callable[[torch.Tensor], torch.Tensor], probes, wanted) -> Check:
-    import torch
-
     diffs = []
     for x, want in zip(probes, wanted):
         got = run(x)

@@ -10,7 +10,7 @@ from conftest import ROOT, write
 
 from dksgraph import grid as grid_lib
 from dksgraph import report
-from dksgraph.errors import DksError, SpecError
+from dksgraph.errors import DksError
 from dksgraph.spec import parse_spec
 from dksgraph.train.trainer import Trainer
 from dksgraph.train.runconfig import RunConfig

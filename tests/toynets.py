@@ -202,7 +202,7 @@ class FlatDenseNet(nn.Module):
     def __init__(self, num_classes: int = 10, growth: int = 4) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
-        channels, layers = 8, []
+        channels = 8
         for i in range(4):
             dense = nn.Sequential(*[DenseLayer(channels + j * growth, growth) for j in range(2)])
             channels += 2 * growth

@@ -105,7 +105,7 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
             failures = grid_lib.execute([(r, states[r.id]) for r in runs], gpu_list, jobs, event)
         except KeyboardInterrupt:
             bar.close()
-            click.echo(f"\ninterrupted; run the same command again to go on (finished runs are kept, "
+            click.echo("\ninterrupted; run the same command again to go on (finished runs are kept, "
                        "interrupted ones resume from their last epoch).", err=True)
             raise SystemExit(130) from None
         bar.close()
