@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from dksgraph.errors import CheckpointError, WriteError
+from dksgraph.errors import CheckpointError, WriteError, first_line
 
 FORMAT = "dksgraph/1"
 
@@ -31,11 +31,13 @@ FORMAT = "dksgraph/1"
 TEMP_SUFFIX = ".tmp"  # every file dksgraph writes is first `.NAME.XXXX.tmp` in the same folder
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
+                 check: Callable[[Path], None] | None = None) -> Path:
     """Write through a temp file in the same folder, fsync, rename, fsync the folder: a crash at any moment
     leaves either the old file or the new one, never a half-written one. The file gets the permissions
     the user's umask gives new files. A failed write (disk full, no permission) leaves nothing behind and
-    raises :class:`WriteError` naming the path and the cause."""
+    raises :class:`WriteError` naming the path and the cause. ``check``, when given, reads the finished
+    temp file back before it gets its name; whatever it raises leaves nothing behind either."""
     path = Path(path)
     tmp = None
     try:
@@ -46,6 +48,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
@@ -157,17 +161,16 @@ def read_tensors(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
             f"`{path}` holds pickled Python objects that dksgraph will not load (loading them could run "
-            f"arbitrary code): {first[:200]}. dksgraph reads plain tensors and data only; save a state_dict "
+            f"arbitrary code): {first_line(exc)}. dksgraph reads plain tensors and data only; save a state_dict "
             "(or re-create the checkpoint with `dksgraph augment ... --save` or `dksgraph train`), or load it "
             "yourself if you trust it."
         ) from None
     except Exception as exc:  # a truncated zip, random bytes, an empty file
         raise CheckpointError(
             f"`{path}` is not a readable PyTorch file ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'}). It may be truncated "
+            f"{first_line(exc, 160)}). It may be truncated "
             "or not a checkpoint at all; use a file written by `dksgraph train`, `dksgraph augment --save` or "
             "`torch.save(model.state_dict(), ...)`."
         ) from None

@@ -28,11 +28,8 @@ from torch import fx, nn
 from dksgraph.augmented import AugmentedModel
 from dksgraph.errors import DksError
 from dksgraph.models import main_logits
-from dksgraph.spec import MAIN
+from dksgraph.spec import ENSEMBLE, MAIN
 from dksgraph.tracing import CONSTANTS, graph_module
-
-ENSEMBLE = "ensemble"
-
 
 class TapClassifier(nn.Module):
     """An auxiliary classifier on its own: ``trunk`` (the backbone up to the tap) then ``branch``."""
@@ -95,9 +92,9 @@ def classifier(model: AugmentedModel, name: str, members: list[str] | None = Non
         from dksgraph.deploy import strip
 
         return strip(model).eval()
-    taps = [p.label for p in model.plans if p.label in chosen]
-    nodes = [next(p.node for p in model.plans if p.label == label) for label in taps]
-    trunk = _cut(model, nodes, ensemble=name == ENSEMBLE, keep_output=MAIN in chosen)
+    plans = [p for p in model.plans if p.label in chosen]
+    taps = [p.label for p in plans]
+    trunk = _cut(model, [p.node for p in plans], ensemble=name == ENSEMBLE, keep_output=MAIN in chosen)
     if name == ENSEMBLE:
         branches = nn.ModuleDict({label: model.branches[label] for label in taps})
         module = Ensemble(trunk, branches, chosen, taps)

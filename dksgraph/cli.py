@@ -14,6 +14,7 @@ import click
 from dksgraph.errors import DksError
 from dksgraph.formats import FORMATS, SUFFIXES
 from dksgraph.formatting import fmt_shape
+from dksgraph.spec import ENSEMBLE, MAIN
 
 
 class _Group(click.Group):
@@ -180,7 +181,7 @@ def _write_classifier(checkpoint: str, output: str | None, name: str, fmt: str, 
     click.echo(f"verified: {what} as {fmt}: {done.check.describe()} against the augmented model")
     extra = f" and {done.path.name}.json" if fmt == "state_dict" else ""
     click.echo(f"wrote {done.path}{extra} ({done.parameters / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
-    if name == "main":
+    if name == MAIN:
         branch_keys = [k for k in ckpt["model"] if k.startswith(BRANCHES)]
         labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
         dropped = sum(ckpt["model"][k].numel() for k in branch_keys)
@@ -195,13 +196,13 @@ def _write_classifier(checkpoint: str, output: str | None, name: str, fmt: str, 
               show_default=True, help="state_dict loads into the model's own class with weights_only=True.")
 def strip(checkpoint: str, output: str | None, fmt: str) -> None:
     """Remove every branch, verify the original network bit for bit, and write it (`export` of `main`)."""
-    _write_classifier(checkpoint, output, "main", fmt, None,
+    _write_classifier(checkpoint, output, MAIN, fmt, None,
                       ".stripped.pt" if fmt == "state_dict" else ".stripped.torchscript.pt")
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--classifier", "name", default="main", show_default=True, metavar="NAME",
+@click.option("--classifier", "name", default=MAIN, show_default=True, metavar="NAME",
               help="main (the original network), an auxiliary classifier (c2, c3, ...) or ensemble.")
 @click.option("--classifiers", "members", metavar="A,B", help="With --classifier ensemble: its members (default: all).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="state_dict", show_default=True,
@@ -217,7 +218,7 @@ def export(checkpoint: str, name: str, members: str | None, fmt: str, output: st
       dksgraph export runs/r32/best.pt --classifier ensemble --classifiers main,c2 --format onnx
     """
     chosen = [m.strip() for m in members.split(",") if m.strip()] if members else None
-    if chosen and name != "ensemble":
+    if chosen and name != ENSEMBLE:
         raise DksError("`--classifiers` names an ensemble's members; use it with `--classifier ensemble`.")
     _write_classifier(checkpoint, output, name, fmt, chosen, f".{name}{SUFFIXES[fmt]}")
 

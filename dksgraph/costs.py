@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from dksgraph.augmented import AugmentedModel
-from dksgraph.classifiers import ENSEMBLE, classifier
+from dksgraph.classifiers import classifier
 from dksgraph.formatting import format_table
+from dksgraph.spec import ENSEMBLE, MAIN
 from dksgraph.summary import count_parameters, flops
 
 HEADERS = ["classifier", "params (M)", "MFLOPs / image", "CPU ms, batch 1", "CPU ms, batch 32", "top-1 %"]
@@ -75,7 +76,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     for r in rows:
         if r["top1"] is None:
             continue
-        ax.scatter(r["flops"] / 1e6, r["top1"], color="#c8621b" if r["classifier"] != "main" else "#2b6ca3")
+        ax.scatter(r["flops"] / 1e6, r["top1"], color="#c8621b" if r["classifier"] != MAIN else "#2b6ca3")
         ax.annotate(r["classifier"], (r["flops"] / 1e6, r["top1"]), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("top-1 accuracy (%)")

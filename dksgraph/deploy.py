@@ -31,7 +31,8 @@ from dksgraph.errors import CheckpointError, DksError, SpecError
 from dksgraph.formats import SIDECAR, SUFFIXES, Check, identical
 from dksgraph.formats import write as write_format
 from dksgraph.models import build_backbone, main_logits
-from dksgraph.spec import MAIN, Spec
+from dksgraph.spec import ENSEMBLE, MAIN, Spec
+from dksgraph.summary import count_parameters
 from dksgraph.tracing import in_mode, trace_graph
 
 PREFIX = "backbone."
@@ -141,7 +142,7 @@ def export(source: AugmentedModel | str | Path, path: str | Path | None = None, 
 
     >>> export("runs/r32/best.pt", "r32-c2.pt2", "c2", "exported")          # doctest: +SKIP
     """
-    from dksgraph.classifiers import check_name, classifier
+    from dksgraph.classifiers import classifier
 
     if not isinstance(source, (AugmentedModel, str, Path)):
         raise DksError(
@@ -157,7 +158,6 @@ def export(source: AugmentedModel | str | Path, path: str | Path | None = None, 
     else:
         model, ckpt = (source, None) if isinstance(source, AugmentedModel) else load_augmented(source)
         spec = model.spec
-        check_name(model, classifier_name, members)
         module = classifier(model, classifier_name, members)
         _verify_classifier(model, module, classifier_name, members)
     if path is None:
@@ -169,12 +169,12 @@ def export(source: AugmentedModel | str | Path, path: str | Path | None = None, 
                "input_size": list(spec.backbone.input_size), "spec": spec.model_dump(mode="json")}
     probes = [probe_input(spec, batch, like=module) for batch in (2, 3)]
     check = write_format(module, path, fmt, probes, sidecar)
-    return Exported(Path(path), fmt, classifier_name, check, sum(p.numel() for p in module.parameters()), ckpt)
+    return Exported(Path(path), fmt, classifier_name, check, count_parameters(module), ckpt)
 
 
 def _verify_classifier(model: AugmentedModel, module: nn.Module, name: str, members: list[str] | None) -> None:
     """The standalone classifier gives exactly what the augmented model gives for it (eval mode)."""
-    from dksgraph.classifiers import ENSEMBLE, mean_softmax
+    from dksgraph.classifiers import mean_softmax
 
     x = probe_input(model.spec, like=module)
     with torch.no_grad(), in_mode(False, model):

@@ -39,6 +39,13 @@ class RunAborted(DksError):
     exit_code = 1
 
 
+def first_line(exc: BaseException, limit: int = 200, empty: str = "no detail") -> str:
+    """The first non-blank line of an exception's message, at most ``limit`` characters (``empty`` when it
+    has none): what a one-paragraph error quotes of a library's or a model's own exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else empty
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
     """Format the closest candidates to ``word`` for a "did you mean" hint ('' when none)."""
     choices = list(dict.fromkeys(choices))

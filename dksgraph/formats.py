@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
-from dksgraph.errors import CheckpointError, DksError
+from dksgraph.errors import CheckpointError, DksError, first_line
 
 if TYPE_CHECKING:  # PyTorch is imported where it is used: the command line reads the names above without it
     import torch
@@ -54,7 +53,11 @@ class Check:
 
 
 def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tensor], sidecar: dict) -> Check:
-    """Write ``module`` as ``fmt`` to ``path`` if, read back, it reproduces ``module`` on ``probes``."""
+    """Write ``module`` as ``fmt`` to ``path`` if, read back, it reproduces ``module`` on ``probes``.
+
+    The file goes through :func:`~dksgraph.checkpoint.atomic_write`: converted first, saved under a
+    temporary name, read back and checked there, and only then renamed (a state_dict's sidecar lands
+    just before it); a conversion, a check or a write that fails leaves nothing behind."""
     if fmt not in SUFFIXES:
         raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
     if fmt == "onnx":
@@ -63,24 +66,19 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
 
     from dksgraph.checkpoint import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{SUFFIXES[fmt]}")
     module.eval()
     with torch.no_grad():
         wanted = [module(x) for x in probes]
-    try:
-        _WRITERS[fmt](module, tmp, probes[0])
+    program = _CONVERTERS[fmt](module, probes[0])
+    checks: list[Check] = []
+
+    def check(tmp: Path) -> None:
+        checks.append(_check(fmt, _reader(fmt, tmp, sidecar), probes, wanted))
         if fmt == "state_dict":
-            atomic_write(_sidecar(tmp), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
-        check = _check(fmt, _reader(fmt, tmp), probes, wanted)
-        if fmt == "state_dict":
-            os.replace(_sidecar(tmp), _sidecar(path))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        _sidecar(tmp).unlink(missing_ok=True)
-    return check
+            atomic_write(_sidecar(Path(path)), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
+
+    atomic_write(path, lambda f: _SAVERS[fmt](program, f), check)
+    return checks[0]
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -97,18 +95,14 @@ def _sidecar(path: Path) -> Path:
 
 
 def _check(fmt: str, run: Callable[[torch.Tensor], torch.Tensor], probes, wanted) -> Check:
-    diffs = []
-    for x, want in zip(probes, wanted):
-        got = run(x)
-        if fmt != "onnx":
-            if not identical(got, want):
-                diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf")
+    got = [run(x) for x in probes]
+    diffs = [(g.float() - w.float()).abs().max().item() if g.shape == w.shape else float("inf")
+             for g, w in zip(got, wanted)]
+    if fmt != "onnx":
+        for x, g, w, diff in zip(probes, got, wanted, diffs):
+            if not identical(g, w):
                 raise DksError(f"the {fmt} file does not reproduce the classifier (max abs difference {diff:.3g} on a "
                                f"batch of {len(x)}); nothing was written. Please report this with the spec.")
-            diffs.append(0.0)
-        else:
-            diffs.append((got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf"))
-    if fmt != "onnx":
         return Check(fmt, 0.0, None)
     tolerance = ONNX_TOLERANCE * max(1.0, max(float(w.abs().max()) for w in wanted))
     if max(diffs) > tolerance:
@@ -126,64 +120,87 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
-def _write_state_dict(module: nn.Module, path: Path, x: torch.Tensor) -> None:
-    import torch
-
-    from dksgraph.checkpoint import atomic_write
-
-    atomic_write(path, lambda f: torch.save(module.state_dict(), f))
-
-
-def _write_exported(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+def _convert_exported(module: nn.Module, x: torch.Tensor):
     import torch
 
     try:
-        program = torch.export.export(module, (x,), dynamic_shapes=({0: _batch_dim()},))
+        return torch.export.export(module, (x,), dynamic_shapes=({0: _batch_dim()},))
     except Exception as exc:
-        raise DksError(f"torch.export could not capture this classifier ({type(exc).__name__}: "
-                       f"{(str(exc).strip().splitlines() or [''])[0][:200]}); nothing was written. Try "
-                       "`--format state_dict` or `--format onnx`.") from None
-    torch.export.save(program, str(path))
+        raise DksError(f"torch.export could not capture this classifier ({type(exc).__name__}: {first_line(exc)}); "
+                       "nothing was written. Try `--format state_dict` or `--format onnx`.") from None
 
 
-def _write_onnx(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+def _convert_onnx(module: nn.Module, x: torch.Tensor):
     import torch
 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: _batch_dim()},),
-                                        input_names=["images"], output_names=["logits"], verbose=False)
-            program.save(str(path))
+            return torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: _batch_dim()},),
+                                     input_names=["images"], output_names=["logits"], verbose=False)
     except Exception as exc:
         raise DksError(f"the ONNX exporter could not convert this classifier ({type(exc).__name__}: "
-                       f"{(str(exc).strip().splitlines() or [''])[0][:200]}); nothing was written. Try "
-                       "`--format exported`.") from None
+                       f"{first_line(exc)}); nothing was written. Try `--format exported`.") from None
 
 
-def _write_torchscript(module: nn.Module, path: Path, x: torch.Tensor) -> None:
+def _convert_torchscript(module: nn.Module, x: torch.Tensor):
     import torch
-
-    from dksgraph.checkpoint import atomic_write
 
     try:  # torch.jit is deprecated upstream but still the portable format of older runtimes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                program = torch.jit.script(module)
+                return torch.jit.script(module)
             except Exception:
-                program = torch.jit.trace(module, x)
-            atomic_write(path, lambda f: torch.jit.save(program, f))
+                return torch.jit.trace(module, x)
     except Exception as exc:
-        raise DksError(f"TorchScript export failed ({(str(exc).strip().splitlines() or [''])[0][:200]}); nothing "
-                       "was written. Use `--format exported` or `--format state_dict`.") from None
+        raise DksError(f"TorchScript export failed ({first_line(exc)}); nothing was written. Use `--format "
+                       "exported` or `--format state_dict`.") from None
 
 
-_WRITERS = {"state_dict": _write_state_dict, "exported": _write_exported, "onnx": _write_onnx,
-            "torchscript": _write_torchscript}
+def _save_torch(program, f) -> None:  # a state_dict
+    import torch
+
+    torch.save(program, f)
 
 
-def _reader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def _through_memory(save: Callable[[BinaryIO], None], f: BinaryIO) -> None:
+    """``save`` into memory, then one plain write to ``f``: torch.export's archive writer cannot recover from
+    a failed write to a file (a full disk ends the process in C++) and ONNX's takes the file's name for a
+    path, while a failed plain write raises the OSError that names the cause."""
+    buffer = io.BytesIO()
+    save(buffer)
+    f.write(buffer.getbuffer())
+
+
+def _save_exported(program, f) -> None:
+    import torch
+
+    _through_memory(lambda buffer: torch.export.save(program, buffer), f)
+
+
+def _save_onnx(program, f) -> None:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        _through_memory(program.save, f)
+
+
+def _save_torchscript(program, f) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(program, f)
+
+
+# a file-format's conversion (errors: the model cannot be captured) apart from its saving (errors: the disk)
+_CONVERTERS = {"state_dict": lambda module, x: module.state_dict(), "exported": _convert_exported,
+               "onnx": _convert_onnx, "torchscript": _convert_torchscript}
+_SAVERS = {"state_dict": _save_torch, "exported": _save_exported, "onnx": _save_onnx,
+           "torchscript": _save_torchscript}
+
+
+def _reader(fmt: str, path: Path, sidecar: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch
 
     if fmt == "onnx":
@@ -199,7 +216,7 @@ def _reader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         return _no_grad(program)
     if fmt == "exported":
         return _no_grad(torch.export.load(str(path)).module())
-    return _no_grad(load_exported(path))
+    return _no_grad(_from_state_dict(path, json.loads(json.dumps(sidecar))))  # the sidecar as it reads back
 
 
 def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -229,8 +246,6 @@ def load_exported(path: str | Path) -> nn.Module:
     """
     import torch
 
-    from dksgraph.checkpoint import read_tensors
-
     path = Path(path)
     sidecar = _sidecar(path)
     if path.suffix == ".pt2" or not sidecar.is_file() and _is_archive(path):
@@ -248,6 +263,13 @@ def load_exported(path: str | Path) -> nn.Module:
         assert info.get("format") == SIDECAR
     except (json.JSONDecodeError, AssertionError):
         raise CheckpointError(f"`{sidecar}` is not a dksgraph export sidecar ({SIDECAR}); it is damaged.") from None
+    return _from_state_dict(path, info)
+
+
+def _from_state_dict(path: Path, info: dict) -> nn.Module:
+    """The module a sidecar describes, holding the state_dict at ``path``, in eval mode."""
+    from dksgraph.checkpoint import read_tensors
+
     module = rebuild(info)
     module.load_state_dict(read_tensors(path, "exported state_dict"), strict=True)
     return module.eval()

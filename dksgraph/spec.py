@@ -29,6 +29,7 @@ Schedule = Literal["multistep", "step", "cosine"]
 METHODS: tuple[str, ...] = get_args(Method)
 DATASETS: tuple[str, ...] = get_args(Dataset)
 MAIN = "main"
+ENSEMBLE = "ensemble"  # the mean softmax of several classifiers (evaluation and export)
 
 
 class _Strict(BaseModel):

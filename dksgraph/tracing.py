@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
-from dksgraph.errors import GraphError
+from dksgraph.errors import GraphError, first_line
 
 
 class _PathTracer(fx.Tracer):
@@ -127,7 +127,7 @@ def trace_graph(model: nn.Module, leaf_modules: list[str], training: bool) -> fx
         scope = tracer.failure_scope or ""
         where = f"module `{scope}` ({type(model.get_submodule(scope)).__name__})" if scope else "the top-level forward"
         leaf = type(model.get_submodule(scope)).__name__ if scope else None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, empty=type(exc).__name__)
         raise GraphError(
             f"torch.fx cannot trace {type(model).__name__}: {where} failed with \"{first}\". FX cannot follow "
             "Python control flow that depends on tensor values. "
@@ -226,7 +226,7 @@ def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...
             shown = ", ".join("x".join(map(str, s)) for s in inputs if s)
             kind = f" ({type(model.get_submodule(node.target)).__name__})" if node.op == "call_module" else ""
             where = f"`{recorder.qual[node]}`{kind}" + (f" on input {shown}" if shown else "")
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
+        msg = first_line(exc, empty=type(exc).__name__).rstrip(".")
         raise GraphError(
             f"running {type(model).__name__} at input_size {list(input_size)} failed in {where}: "
             f"{type(exc).__name__}: {msg}. If the input does not suit the network (too small for its downsampling, "

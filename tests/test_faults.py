@@ -239,6 +239,27 @@ def test_a_write_error_leaves_the_old_file_and_no_temp(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in target.parent.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.parametrize("fmt", ["state_dict", "exported", "onnx", "torchscript"])
+def test_an_export_that_cannot_be_written_names_the_path_and_leaves_nothing(tmp_path, fmt):
+    import dksgraph
+
+    model = dksgraph.augment(toy())
+    name = model.classifiers[1]
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"")
+    with pytest.raises(WriteError, match="could not write"):  # its folder is a file
+        dksgraph.export(model, blocked / f"{name}.out", name, fmt)
+    disk = tmp_path / "disk"
+    if not small_disk(disk, "16k"):
+        pytest.skip("no tmpfs here for the full-disk half")
+    try:
+        with pytest.raises(WriteError, match="No space left on device"):
+            dksgraph.export(model, disk / f"{name}.out", name, fmt)
+        assert not list(disk.iterdir())  # no temp file, no sidecar
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_checkpoints_get_the_umasks_permissions(tmp_path):
     old = os.umask(0o002)
     try:

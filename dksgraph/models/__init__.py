@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dksgraph.errors import GraphError, SpecError, close_matches
+from dksgraph.errors import GraphError, SpecError, close_matches, first_line
 from dksgraph.models import cifar_resnet, densenet, mobilenet, wrn
 
 
@@ -83,7 +83,7 @@ def build_backbone(backbone, pretrained: bool = True) -> nn.Module:
                 "Fix `backbone.kwargs` in the spec (for example `{num_classes: 100}`)."
             ) from None
         except Exception as exc:  # the model's own code failed while building
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc)
             raise SpecError(
                 f"building `{name}` with backbone.kwargs {kwargs} raised {type(exc).__name__}: {first}. The error "
                 "comes from the model's own code; check its arguments (backbone.kwargs) and that it builds on its "

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dksgraph.errors import SpecError
+from dksgraph.errors import SpecError, first_line
 
 
 def load_pretrained(backbone, factory) -> nn.Module:
@@ -68,7 +68,7 @@ def _from_torchvision(model: str, kwargs: dict, num_classes: int | None, weights
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
         raise SpecError(
             f"could not fetch the {member.name} weights of `{model}` from {member.url} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}). On a machine without internet, "
+            f"{first_line(exc, 120)}). On a machine without internet, "
             f"download that file elsewhere and place it at `{cache}` (torch's hub cache; TORCH_HOME moves it), or "
             "set backbone.weights to a local state_dict file."
         ) from None
@@ -94,7 +94,7 @@ def _from_timm(model: str, kwargs: dict, num_classes: int | None) -> nn.Module:
     except Exception as exc:
         raise SpecError(
             f"could not load timm's pretrained weights for `{model}` ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}). timm fetches them from the Hugging "
+            f"{first_line(exc, 160)}). timm fetches them from the Hugging "
             "Face hub into its cache (HF_HOME, default ~/.cache/huggingface); on a machine without internet, copy "
             "that cache from a machine that has it, or set backbone.weights to a local state_dict file."
         ) from None

@@ -16,8 +16,8 @@ from typing import get_args
 
 import click
 
-from dksgraph.errors import DksError
-from dksgraph.spec import DATASETS, METHODS, Schedule
+from dksgraph.errors import DksError, first_line
+from dksgraph.spec import DATASETS, ENSEMBLE, METHODS, Schedule
 from dksgraph.train.runconfig import AMP_MODES, DEVICES
 RESUMABLE_RECIPE = ("data_dir",)  # where the data lives may change between machines; what it is may not
 
@@ -187,7 +187,7 @@ def _train(trainer, spec, config, world) -> None:
     except RuntimeError as exc:
         if not world.distributed:
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, empty=type(exc).__name__)
         raise RunAborted(
             f"rank {world.rank} lost the other processes of this run ({type(exc).__name__}: {first}): another rank "
             f"died or hung for longer than `--collective-timeout` ({config.collective_timeout:g} s). `"
@@ -195,7 +195,7 @@ def _train(trainer, spec, config, world) -> None:
             f"train --resume {Path(config.out) / 'last.pt'}`."
         ) from None
     if world.is_main and history:
-        click.echo(format_table(summary_rows(history, trainer.loss_fn.classifiers + ["ensemble"]), SUMMARY_HEADERS))
+        click.echo(format_table(summary_rows(history, [*trainer.loss_fn.classifiers, ENSEMBLE]), SUMMARY_HEADERS))
         click.echo(f"checkpoints: {Path(config.out) / 'last.pt'}, {Path(config.out) / 'best.pt'}; "
                    f"metrics: {Path(config.out) / 'metrics.csv'}")
 
@@ -277,7 +277,7 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
         model.to(memory_format=torch.channels_last)
     batches = batches_for(spec, "test", batch_size, config, target, distributed.World())
     record = run_eval(model, batches, model.classifiers, amp=amp, steps=limit_eval_batches)
-    names = [*model.classifiers, "ensemble"]
+    names = [*model.classifiers, ENSEMBLE]
     rows = [[n, f"{record[f'test/acc1/{n}']:.2f}", f"{record[f'test/acc5/{n}']:.2f}"]
             for n in names if f"test/acc1/{n}" in record]
     click.echo(f"{spec.display_name} ({spec.train.method}), epoch {ckpt.get('epoch', '?')}, {spec.train.dataset} "

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from dksgraph.errors import DksError
+from dksgraph.errors import DksError, first_line
 from dksgraph.spec import TrainSpec
 from dksgraph.train import distributed
 from dksgraph.train.seeds import epoch_order
@@ -125,7 +125,7 @@ def read_item(dataset: Dataset, index: int):
     try:
         return dataset[index]
     except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, unidentified, broken headers
-        return BadImage(_path_of(dataset, index), f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}")
+        return BadImage(_path_of(dataset, index), f"{type(exc).__name__}: {first_line(exc, 120)}")
 
 
 def _path_of(dataset: Dataset, index: int) -> str:

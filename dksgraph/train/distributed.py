@@ -61,8 +61,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """The number of processes of the run (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dksgraph.errors import DksError
 from dksgraph.loss import SynergyLoss
-from dksgraph.spec import Spec
+from dksgraph.spec import MAIN, Spec
 from dksgraph.train import device_data, distributed
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, stats_for
 from dksgraph.train.metrics import AccuracyCounter
@@ -161,7 +161,7 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
         if (step + 1) % log_every == 0 or step + 1 == total:
             _check_finite(finite, epoch, step + 1 - len(finite), device)
             finite = []
-            rate = state.images * max(1, _world_size()) / max(state.elapsed, 1e-9)
+            rate = state.images * distributed.world_size() / max(state.elapsed, 1e-9)
             bar.set_postfix(loss=f"{sums[0].item() / acc.seen.item():.3f}",
                             acc=f"{100 * acc.hits[0, 0].item() / acc.seen.item():.1f}%", img_s=f"{rate:.0f}")
         bar.update(1)
@@ -176,15 +176,11 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
     record.update(acc.result("train"))
     images, elapsed = state.images, state.elapsed
     if images == 0:  # a one-step epoch: nothing but the first step to time
-        images, elapsed = int(seen) // max(1, _world_size()), state.first_step_s
-    record["train/images_per_s"] = round(images * max(1, _world_size()) / max(elapsed, 1e-9), 1)
+        images, elapsed = int(seen) // distributed.world_size(), state.first_step_s
+    record["train/images_per_s"] = round(images * distributed.world_size() / max(elapsed, 1e-9), 1)
     record["train/seconds"] = round(state.elapsed + state.first_step_s, 2)
     record["train/first_step_s"] = round(state.first_step_s, 3)
     return record
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _check_finite(flags: list[torch.Tensor], epoch: int, first_step: int, device: torch.device) -> None:
@@ -214,7 +210,7 @@ def evaluate(model: nn.Module, batches: Iterable, classifiers: list[str], *, amp
         with _autocast(device, amp):
             logits = model(x)
         acc.update(logits, y)
-        loss_sum += nn.functional.cross_entropy(logits["main"].float(), y, reduction="sum").double()
+        loss_sum += nn.functional.cross_entropy(logits[MAIN].float(), y, reduction="sum").double()
     for t in (acc.hits, acc.seen, loss_sum):
         distributed.all_reduce_sum(t)
     record = acc.result("test")

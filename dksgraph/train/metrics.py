@@ -15,9 +15,7 @@ import torch
 from torch import Tensor
 
 from dksgraph.checkpoint import atomic_write
-
-ENSEMBLE = "ensemble"
-
+from dksgraph.spec import ENSEMBLE
 
 class AccuracyCounter:
     """Top-1 / top-5 hits of each classifier and of the ensemble (mean of the classifiers' softmax)."""

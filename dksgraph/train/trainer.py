@@ -31,7 +31,7 @@ from dksgraph.augmented import augment
 from dksgraph.checkpoint import link_file, save_checkpoint
 from dksgraph.errors import DksError, RunAborted
 from dksgraph.loss import SynergyLoss
-from dksgraph.spec import Spec
+from dksgraph.spec import ENSEMBLE, Spec
 from dksgraph.train import distributed
 from dksgraph.train import optim as optim_lib
 from dksgraph.train.engine import (EpochProgress, NonFiniteLoss, batches_for, check_amp, configure_backends, evaluate,
@@ -261,7 +261,7 @@ class Trainer:
 
 
 def _epoch_line(record: dict, classifiers: list[str]) -> str:
-    accs = " ".join(f"{c}={record[f'test/acc1/{c}']:.2f}" for c in [*classifiers, "ensemble"]
+    accs = " ".join(f"{c}={record[f'test/acc1/{c}']:.2f}" for c in [*classifiers, ENSEMBLE]
                     if f"test/acc1/{c}" in record)
     skipped = f", {record['train/skipped_images']} unreadable images skipped" if record.get("train/skipped_images") else ""
     return (f"epoch {record['epoch']}: loss {record['train/total']:.4f}, train acc {record['train/acc1/main']:.2f}%, "
