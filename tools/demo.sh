@@ -5,7 +5,7 @@ set -euo pipefail
 DKS=${DKS:-../.venv/bin/dksgraph}
 PY=${PY:-../.venv/bin/python}
 SPECS=${SPECS:-../specs}
-TARBALL=${TARBALL:-../../shared/data/cifar10-jpeg.tar.gz}
+TARBALL=${DKS_CIFAR:-../../shared/data/cifar10-jpeg.tar.gz}  # the variable tools/gpu_check.sh reads too
 
 $DKS inspect zoo:resnet32
 $DKS augment $SPECS/densenet100.yaml --render
@@ -20,7 +20,8 @@ if [ -f "$TARBALL" ]; then
     echo "training on 5,000 images of the shared CIFAR-10 (JPEG) for 3 epochs; evaluating on its 10,000 test images"
 else
     DATA=(--dataset synthetic)
-    echo "NOTE: $TARBALL is missing, so the demo trains on synthetic images instead of CIFAR-10"
+    echo "NOTE: $TARBALL is missing, so the demo trains on synthetic images instead of CIFAR-10" \
+         "(DKS_CIFAR=/path/to/cifar10-jpeg.tar.gz make demo uses a copy elsewhere)"
 fi
 $DKS train $SPECS/resnet32.yaml --method dks --num-classes 10 --epochs 3 "${DATA[@]}" \
     --out runs/resnet32-dks --overwrite
