@@ -178,3 +178,31 @@ def test_fp16_without_cuda_is_refused(tmp_path):
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(DksError, match="needs a CUDA GPU"):
         Trainer(toy(), config(tmp_path / "x", amp="fp16", device="cpu"))
+
+
+def test_off_a_terminal_the_log_has_a_line_every_n_steps_and_no_bar(tmp_path):
+    write(tmp_path / "toy.yaml", json.dumps(TOY))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    with open(tmp_path / "train.log", "w") as log:  # stdout and stderr a file, as under nohup or a scheduler
+        done = subprocess.run([sys.executable, "-m", "dksgraph", "train", "toy.yaml", "--epochs", "2", "--batch-size",
+                               "4", "--limit-train-batches", "12", "--limit-eval-batches", "3", "--print-every", "5",
+                               "--out", "run", "--device", "cpu"], cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300)
+    text = (tmp_path / "train.log").read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text and "it/s" not in text and "batch/s" not in text
+    progress = [line.split(" [")[0] for line in text.splitlines() if line.startswith("epoch ") and "/12" in line]
+    assert [p.split(" loss=")[0] for p in progress] == ["epoch 1/2: 5/12", "epoch 1/2: 10/12", "epoch 2/2: 5/12",
+                                                         "epoch 2/2: 10/12"]
+    assert all(" loss=" in p and " acc=" in p for p in progress)
+    assert sum(line.startswith("epoch 1: loss") for line in text.splitlines()) == 1  # one line per epoch
+
+
+def test_eval_every_scores_every_nth_epoch_and_the_last(tmp_path):
+    trainer = Trainer(toy(epochs=5), config(tmp_path / "r", eval_every=2))
+    history = trainer.fit()
+    assert [("test/acc1/main" in r) for r in history] == [False, True, False, True, True]
+    best = load_checkpoint(tmp_path / "r" / "best.pt")
+    assert best["epoch"] in (2, 4, 5)
+    csv_rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 6

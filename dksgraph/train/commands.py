@@ -66,10 +66,14 @@ def _runtime_options(f):
                      "epoch."),
         click.option("--limit-eval-batches", type=click.IntRange(min=1), help="At most N evaluation batches per "
                      "epoch."),
+        click.option("--eval-every", type=click.IntRange(min=1), help="Score the test set every N epochs and after "
+                     "the last one (default 1); best.pt is chosen among the scored epochs."),
         click.option("--save-every", type=click.IntRange(min=1), help="Also write last.pt every N optimiser steps "
                      "inside an epoch (a resume continues at the next step)."),
         click.option("--skip-bad-images/--no-skip-bad-images", default=None, help="Leave out images that cannot be "
                      "read (counted in the log) instead of stopping with their path."),
+        click.option("--print-every", type=click.IntRange(min=1), help="Off a terminal (a log file, nohup, a job "
+                     "scheduler): one progress line every N steps (default 50) instead of a bar."),
         click.option("--collective-timeout", type=click.FloatRange(min=1), help="Seconds a rank waits for the "
                      "others under torchrun before the run stops (default 600)."),
     ]

@@ -19,7 +19,6 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dksgraph.errors import DksError
 from dksgraph.loss import SynergyLoss
@@ -27,6 +26,7 @@ from dksgraph.spec import MAIN, Spec
 from dksgraph.train import device_data, distributed
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, stats_for
 from dksgraph.train.metrics import AccuracyCounter
+from dksgraph.train.progress import PRINT_EVERY, progress as progress_report
 from dksgraph.train.runconfig import AMP_MODES, DEVICES, RunConfig
 from dksgraph.train.seeds import seed_process
 
@@ -108,7 +108,7 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
                     steps: int | None = None, epoch: int = 0, epochs: int = 1, start_step: int = 0,
                     progress_state: EpochProgress | None = None, seed: int | None = None, rank: int = 0,
                     on_step: Callable[[int, int], None] | None = None, log_every: int = 10,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, print_every: int = PRINT_EVERY) -> dict:
     """One epoch of DKS training over ``batches`` (device-ready ``(x, y)``); returns the epoch's metrics.
 
     ``scheduler`` is stepped after every optimiser step. With ``seed``, the process RNGs (dropout) are
@@ -127,8 +127,8 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
     finite: list[torch.Tensor] = []
     first = True
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-               disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_report(total, f"epoch {epoch + 1}/{epochs}", initial=start_step, enabled=progress,
+                          every=print_every)
     for step, (x, y) in enumerate(itertools.islice(batches, total - start_step), start=start_step):
         if seed is not None:
             seed_process(seed, epoch, rank, step)
@@ -158,9 +158,11 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
             state.images += y.numel()
             state.elapsed += now - start
         start = now
-        if (step + 1) % log_every == 0 or step + 1 == total:
+        checked = (step + 1) % log_every == 0 or step + 1 == total
+        if checked:  # every rank at the same steps: a collective
             _check_finite(finite, epoch, step + 1 - len(finite), device)
             finite = []
+        if checked or (step + 1) % print_every == 0:  # a progress line shows the statistics of its own step
             rate = state.images * distributed.world_size() / max(state.elapsed, 1e-9)
             bar.set_postfix(loss=f"{sums[0].item() / acc.seen.item():.3f}",
                             acc=f"{100 * acc.hits[0, 0].item() / acc.seen.item():.1f}%", img_s=f"{rate:.0f}")
@@ -205,12 +207,14 @@ def evaluate(model: nn.Module, batches: Iterable, classifiers: list[str], *, amp
     device = next(iter(model.parameters())).device
     acc = AccuracyCounter(classifiers, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for x, y in tqdm(itertools.islice(batches, steps), total=steps, desc="eval", unit="batch", leave=False,
-                     disable=not progress, dynamic_ncols=True):
+    bar = progress_report(steps, "eval", enabled=progress)
+    for x, y in itertools.islice(batches, steps):
         with _autocast(device, amp):
             logits = model(x)
         acc.update(logits, y)
         loss_sum += nn.functional.cross_entropy(logits[MAIN].float(), y, reduction="sum").double()
+        bar.update(1)
+    bar.close()
     for t in (acc.hits, acc.seen, loss_sum):
         distributed.all_reduce_sum(t)
     record = acc.result("test")

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
+from dksgraph.train.progress import PRINT_EVERY
+
 AmpMode = Literal["none", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,10 +37,12 @@ class RunConfig:
     deterministic: bool = False
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
+    eval_every: int = 1  # score the test set every N epochs (and always after the last one)
     save_every: int | None = None  # also write last.pt every N optimiser steps inside an epoch
     skip_bad_images: bool = False
     collective_timeout: float = 600.0  # seconds a rank waits for the others before giving up
-    log_every: int = 10
+    log_every: int = 10  # steps between NaN checks, progress statistics and (distributed) stop agreements
+    print_every: int = PRINT_EVERY  # steps between two progress lines when stderr is not a terminal
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

@@ -211,8 +211,9 @@ class Trainer:
                 record = self._epoch(self.epoch, self.step)
                 self.step = 0
                 self.epoch += 1
-                improved = record["test/acc1/main"] > self.best
-                self.best = max(self.best, record["test/acc1/main"])
+                score = record.get("test/acc1/main")  # None on an epoch that was not scored (--eval-every)
+                improved = score is not None and score > self.best
+                self.best = max(self.best, score) if score is not None else self.best
                 self.history.append(record)
                 self._save(record, best=improved)
                 if self.world.is_main:
@@ -246,13 +247,15 @@ class Trainer:
                 scaler=self.scaler, amp=self.config.amp, steps=self.steps, epoch=epoch, epochs=self.recipe.epochs,
                 start_step=start, progress_state=progress, seed=self.recipe.seed, rank=self.world.rank,
                 on_step=lambda e, s: self._after_step(e, s, progress), log_every=self.config.log_every,
-                progress=self.world.is_main))
+                progress=self.world.is_main, print_every=self.config.print_every))
         except NonFiniteLoss as exc:
             last = self.out / "last.pt"
             raise NonFiniteLoss(f"{exc}{f' The last good checkpoint `{last}` is intact.' if last.exists() else ''}") from None
         if self.config.skip_bad_images:
             record["train/skipped_images"] = getattr(self.train_batches, "skipped", 0) - skipped
         distributed.sync_buffers(self.model)
+        if (epoch + 1) % self.config.eval_every and epoch + 1 < self.recipe.epochs:
+            return record
         started = time.perf_counter()
         record.update(evaluate(self.eval_net, self.test_batches, self.loss_fn.classifiers, amp=self.config.amp,
                                steps=self.config.limit_eval_batches, progress=self.world.is_main))
@@ -265,7 +268,7 @@ def _epoch_line(record: dict, classifiers: list[str]) -> str:
                     if f"test/acc1/{c}" in record)
     skipped = f", {record['train/skipped_images']} unreadable images skipped" if record.get("train/skipped_images") else ""
     return (f"epoch {record['epoch']}: loss {record['train/total']:.4f}, train acc {record['train/acc1/main']:.2f}%, "
-            f"test top-1 {accs}, {record['train/images_per_s']:.0f} img/s{skipped}")
+            f"{f'test top-1 {accs}, ' if accs else ''}{record['train/images_per_s']:.0f} img/s{skipped}")
 
 
 def prepare_run_folder(out: Path, overwrite: bool) -> None:
