@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import model_validator
 
 from dksgraph.errors import DksError, SpecError
 from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method, PairSet, Schedule, _Strict,
@@ -55,6 +56,7 @@ class GridTrain(_Strict):
     test_subset: PositiveInt | None = Field(None, description="Per-epoch scoring only; final.json uses every image.")
     # runtime settings (dksgraph train flags that do not change the recipe)
     limit_train_batches: PositiveInt | None = None
+    eval_every: PositiveInt | None = Field(None, description="Score the per-epoch test subset every N epochs.")
     amp: AmpMode | None = None
     channels_last: bool = False
     data_on_device: bool = False
@@ -72,6 +74,23 @@ class Variant(_Strict):
     pairs: PairSet | list[tuple[str, str]] | None = Field(None, description="Replace synergy.pairs.")
 
 
+class EqualCompute(_Strict):
+    """One more arm: ``method`` trained for as long (in wall time) as one run of ``matches`` takes, i.e. for
+    ``time_ratio`` times the grid's epochs (the schedule scaled by the one ``--epochs`` rule)."""
+
+    method: Method = "baseline"
+    matches: Method = "dks"
+    time_ratio: PositiveFloat = Field(description="Wall time of a `matches` run over a `method` run of the same "
+                                      "epochs, measured before the grid (e.g. with tools/bench_train.py).")
+
+    @property
+    def arm(self) -> str:
+        return f"{self.method}_at_{self.matches}_time"
+
+    def epochs(self, grid_epochs: int) -> int:
+        return max(1, round(self.time_ratio * grid_epochs))
+
+
 class Grid(_Strict):
     name: str
     description: str = ""
@@ -81,6 +100,33 @@ class Grid(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     variants: list[Variant] = Field(default_factory=lambda: [Variant(name="")], min_length=1)
     train: GridTrain = Field(default_factory=GridTrain)
+    equal_compute: EqualCompute | None = Field(None, description="Add a run of a method (the baseline) trained "
+                                               "as long as another (DKS) takes, for every seed.")
+    compare: list[tuple[str, str]] | None = Field(
+        None, description="Pairs [a, b] of arms (methods, or the equal-compute arm) whose per-seed error "
+        "differences a - b the report tabulates; default: the last method against every other arm.")
+    reuse: list[str] = Field(default_factory=list, description="Folders of run records (a report's runs/, "
+                             "relative to the grid file) whose finished runs with the same settings are taken "
+                             "instead of trained again.")
+
+    @property
+    def arms(self) -> list[str]:
+        """The methods, then the equal-compute arm: the columns of the report."""
+        return [*self.methods, *([self.equal_compute.arm] if self.equal_compute else [])]
+
+    @property
+    def comparisons(self) -> list[tuple[str, str]]:
+        if self.compare is not None:
+            return list(self.compare)
+        return [(self.methods[-1], arm) for arm in self.arms if arm != self.methods[-1]]
+
+    @model_validator(mode="after")
+    def _known_arms(self) -> Grid:
+        for pair in self.compare or []:
+            for arm in pair:
+                if arm not in self.arms:
+                    raise ValueError(f"`compare` names `{arm}`, which is not an arm of this grid ({', '.join(self.arms)})")
+        return self
 
 
 @dataclass
@@ -93,6 +139,15 @@ class Run:
     folder: Path
     spec: dict[str, Any]
     args: list[str] = field(default_factory=list)
+    arm: str = ""  # the report's column: the method, or an equal-compute arm such as baseline_at_dks_time
+
+    def __post_init__(self) -> None:
+        self.arm = self.arm or self.method
+
+    @property
+    def shared(self) -> bool:
+        """A run without auxiliary classifiers (a baseline arm), the same for every variant."""
+        return self.method == "baseline"
 
     @property
     def id(self) -> str:
@@ -104,6 +159,9 @@ class Run:
 
     def settings(self) -> dict[str, Any]:
         return {"spec": self.spec, "method": self.method, "seed": self.seed, "args": self.args}
+
+
+RECORD_FILES = ("run.json", "spec.yaml", "metrics.jsonl", "final.json")  # a finished run, without its checkpoints
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -158,22 +216,26 @@ def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
                            "are relative to the grid file.")
         base = read_yaml(spec_file) or {}
         name = base.get("name") or spec_file.stem
-        for method in grid.methods:
+        arms = [(m, m, grid.train) for m in grid.methods]
+        if grid.equal_compute:
+            eq = grid.equal_compute
+            epochs = grid.train.epochs or int(parse_spec(base, source=str(spec_file)).train.epochs)
+            arms.append((eq.arm, eq.method, grid.train.model_copy(update={"epochs": eq.epochs(epochs)})))
+        for arm, method, train in arms:
             variants = [Variant(name="")] if method == "baseline" else grid.variants
             for variant in variants:
                 for seed in grid.seeds:
-                    spec = derive_spec(base, variant, grid.train, f"{spec_file} (variant `{variant.name}`)",
-                                       method, seed)
-                    label = "-".join(p for p in (name, variant.name, method, f"s{seed}") if p)
+                    spec = derive_spec(base, variant, train, f"{spec_file} (variant `{variant.name}`)", method, seed)
+                    label = "-".join(p for p in (name, variant.name, arm, f"s{seed}") if p)
                     runs.append(Run(spec_file, name, variant.name, method, seed, Path(runs_dir) / label, spec,
-                                    _runtime_args(grid.train)))
+                                    _runtime_args(train), arm))
     # seed by seed, so that a grid stopped early has every method for its first seeds
     return sorted(runs, key=lambda r: grid.seeds.index(r.seed))
 
 
 def _runtime_args(train: GridTrain) -> list[str]:
     args = []
-    for key in ("limit_train_batches", "amp", "workers"):
+    for key in ("limit_train_batches", "eval_every", "amp", "workers"):
         if getattr(train, key) is not None:
             args += [f"--{key.replace('_', '-')}", str(getattr(train, key))]
     for key in ("channels_last", "data_on_device"):
@@ -183,16 +245,50 @@ def _runtime_args(train: GridTrain) -> list[str]:
 
 
 def status(run: Run) -> str:
-    """``done`` (trained and scored), ``eval`` (trained), ``resume`` (has a last.pt) or ``new``."""
+    """``done`` (trained and scored: a run folder, or its record), ``eval`` (trained), ``resume`` (has a
+    last.pt) or ``new``."""
     saved = run.folder / "run.json"
     if saved.is_file() and json.loads(saved.read_text()) != run.settings():
         raise DksError(f"`{run.folder}` holds a run with other settings than the grid now asks for (spec, method, "
                        "seed or budget changed). Delete that folder to rerun it, or pass another `--runs-dir`.")
-    history = read_history(run.folder) if (run.folder / "last.pt").is_file() else []
-    epochs = int(history[-1]["epoch"]) if history else 0
-    if epochs >= run.epochs:
-        return "done" if (run.folder / "final.json").is_file() else "eval"
-    return "resume" if (run.folder / "last.pt").is_file() else "new"
+    history = read_history(run.folder) if saved.is_file() else []
+    trained = bool(history) and int(history[-1]["epoch"]) >= run.epochs
+    if trained and (run.folder / "final.json").is_file():
+        return "done"
+    if not (run.folder / "last.pt").is_file():
+        return "new"
+    return "eval" if trained else "resume"
+
+
+def save_record(run: Run, dest: Path) -> Path:
+    """Copy a finished run's small files (:data:`RECORD_FILES`, never checkpoints) to ``dest/<run id>``, from
+    which a report can be rebuilt and a later grid can take the run (``reuse``)."""
+    folder = Path(dest) / run.id
+    if folder.resolve() != run.folder.resolve():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (run.folder / name).is_file():
+                (folder / name).write_bytes((run.folder / name).read_bytes())
+    return folder
+
+
+def adopt_records(runs: list[Run], record_dirs: list[Path]) -> int:
+    """Point every run that is not done at a finished record with the same settings in ``record_dirs``;
+    returns how many were taken."""
+    taken = 0
+    for run in runs:
+        if status(run) == "done":
+            continue
+        for folder in (Path(d) / run.id for d in record_dirs):
+            saved = folder / "run.json"
+            if not saved.is_file() or json.loads(saved.read_text()) != run.settings():
+                continue
+            original, run.folder = run.folder, folder
+            if status(run) == "done":
+                taken += 1
+                break
+            run.folder = original
+    return taken
 
 
 def prepare(run: Run) -> None:

@@ -46,7 +46,7 @@ def sync(device: torch.device) -> None:
 class Setup:
     """One method's model, loss, optimiser and batch, ready to step."""
 
-    def __init__(self, backbone: str, method: str, device: torch.device) -> None:
+    def __init__(self, backbone: str, method: str, device: torch.device, channels_last: bool = False) -> None:
         from dksgraph.augmented import augment
         from dksgraph.loss import SynergyLoss
         from dksgraph.spec import load_spec
@@ -62,10 +62,12 @@ class Setup:
         one = torch.zeros(1, 3, size, size)
         self.flops_ratio = flops(self.model, one) / flops(self.model.backbone, one)
         self.model.to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
         self.loss_fn = SynergyLoss.for_model(self.model, method).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         classes = int(spec.backbone.kwargs.get("num_classes", 1000))
-        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), device=device)
 
     def step(self) -> dict:
@@ -88,10 +90,10 @@ class Setup:
         return self.timed(lambda: self.loss_fn(leaf, self.y).total.backward())
 
 
-def time_methods(backbone: str, steps: int, device_name: str) -> dict:
+def time_methods(backbone: str, steps: int, device_name: str, channels_last: bool = False) -> dict:
     """Step times of the three methods, interleaved step by step so machine noise hits all alike."""
     device = torch.device(device_name)
-    setups = {m: Setup(backbone, m, device) for m in METHODS}
+    setups = {m: Setup(backbone, m, device, channels_last) for m in METHODS}
     for s in setups.values():
         for _ in range(3):
             s.step()
@@ -110,10 +112,10 @@ def time_methods(backbone: str, steps: int, device_name: str) -> dict:
     return out
 
 
-def peak_memory(backbone: str, method: str, device_name: str) -> float:
+def peak_memory(backbone: str, method: str, device_name: str, channels_last: bool = False) -> float:
     """Peak memory (MiB) of a few training steps of one method, in this (fresh) process."""
     device = torch.device(device_name)
-    s = Setup(backbone, method, device)
+    s = Setup(backbone, method, device, channels_last)
     for _ in range(3):
         s.step()
     if device.type == "cuda":
@@ -229,6 +231,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="step times in NHWC memory format (as "
+                        "`dksgraph train --channels-last`)")
     parser.add_argument("--throughput", action="store_true", help="end-to-end images/s of the training loop: "
                         "ResNet-32 (DataLoader vs on-device data) and ResNet-50 at 224 (synthetic), bf16 + "
                         "channels-last, with and without torch.compile")
@@ -242,7 +246,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("BACKBONE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(peak_memory(*args.worker, args.device)))
+        print(json.dumps(peak_memory(*args.worker, args.device, args.channels_last)))
         return
     if args.throughput:
         rows = throughput_table(args)
@@ -264,9 +268,10 @@ def main() -> None:
         return
     rows = []
     for backbone in args.backbones:
-        results = time_methods(backbone, args.steps, args.device)
+        results = time_methods(backbone, args.steps, args.device, args.channels_last)
         for method in METHODS:  # one fresh process per method for a clean peak-memory reading
-            out = subprocess.run([sys.executable, __file__, "--worker", backbone, method, "--device", args.device],
+            out = subprocess.run([sys.executable, __file__, "--worker", backbone, method, "--device", args.device,
+                                  *(["--channels-last"] if args.channels_last else [])],
                                  capture_output=True, text=True, check=True)
             results[method]["peak_mem_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results["baseline"]["step_ms"]
@@ -288,7 +293,7 @@ def main() -> None:
               f"{r['flops_ratio']:.3f}", f"{r['ratio_over_flops_ratio']:.3f}", f"{r['loss_share_pct']:.2f}",
               f"{r['peak_mem_mib']:.0f}", f"{r['images_per_s']:.1f}"] for r in rows]
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps")
+          f"{'channels-last' if args.channels_last else 'NCHW'}, median of {args.steps} steps")
     print(format_table(table, headers))
     for r in rows:
         if "dks_vs_ds_pct" in r:

@@ -28,6 +28,7 @@ from dksgraph import grid as grid_lib  # noqa: E402
 from dksgraph import report  # noqa: E402
 from dksgraph.errors import DksError  # noqa: E402
 from dksgraph.checkpoint import atomic_write  # noqa: E402
+from dksgraph.train.progress import progress  # noqa: E402
 
 
 def _machine(gpus: list[int] | None) -> str:
@@ -61,26 +62,42 @@ def _parse_gpus(text: str | None) -> list[int] | None:
 @click.option("--test-subset", type=click.IntRange(min=1), help="Score each epoch on N fixed test images.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override every run's global batch size.")
 @click.option("--data-dir", type=click.Path(), help="Override every run's data folder.")
+@click.option("--reuse", "reuse", multiple=True, type=click.Path(file_okay=False),
+              help="A folder of run records (a report's runs/) whose finished runs with the same settings are taken "
+              "instead of trained again; repeatable, added to the grid file's own `reuse:`.")
 @click.option("--dry-run", is_flag=True, help="List the runs and their state; train nothing.")
 @click.option("--report-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
 def main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-         dry_run, report_only) -> None:
-    """Train every run of GRID.yaml that is not finished, then write the markdown report and the curves."""
+         reuse, dry_run, report_only) -> None:
+    """Train every run of GRID.yaml that is not finished, then write the markdown report and the curves.
+
+    With --report-dir, every finished run's small files (run.json, spec.yaml, metrics.jsonl, final.json; never
+    checkpoints) are copied to REPORT_DIR/runs/, so that the report can be rebuilt from them and a later grid
+    can reuse them (--reuse, or `reuse:` in the grid file).
+    """
     try:
         _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-              dry_run, report_only)
+              reuse, dry_run, report_only)
     except DksError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
 
 
 def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-          dry_run, report_only) -> None:
+          reuse, dry_run, report_only) -> None:
     gpu_list = _parse_gpus(gpus)
     grid = grid_lib.with_budget(grid_lib.load_grid(grid_file), epochs=epochs, train_subset=train_subset,
                                     test_subset=test_subset, batch_size=batch_size, data_dir=data_dir)
     runs_dir = Path(runs_dir or f"runs/grids/{grid.name}")
     runs = grid_lib.plan(grid, grid_file, runs_dir)
+    records = [Path(grid_file).parent / d for d in grid.reuse] + [Path(d) for d in reuse]
+    missing = [str(d) for d in records if not d.is_dir()]
+    if missing:
+        raise DksError(f"the run records to reuse are not there: {', '.join(missing)}; `reuse:` folders are "
+                       "relative to the grid file, `--reuse` ones to the current folder.")
+    taken = grid_lib.adopt_records(runs, records)
+    if taken:
+        click.echo(f"{taken} finished run(s) taken from the records in {', '.join(map(str, records))}")
     states = {r.id: grid_lib.status(r) for r in runs}
     counts = {s: sum(1 for v in states.values() if v == s) for s in ("done", "eval", "resume", "new")}
     click.echo(f"grid {grid.name}: {len(runs)} runs in {runs_dir} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -94,7 +111,7 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
             raise DksError(f"the grid trains on `{data}`, which has no train/ folder. For the shared CIFAR-10: "
                            f"`mkdir -p {data} && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C {data}` "
                            "(or `make data/cifar10`), or pass `--data-dir`.")
-        bar = tqdm(total=len(runs), initial=counts["done"], desc=grid.name, unit="run", dynamic_ncols=True)
+        bar = progress(len(runs), grid.name, unit="run", initial=counts["done"], every=None, transient=False)
 
         def event(run, what, detail):
             tqdm.write(f"{datetime.datetime.now():%H:%M} {what:<6} {run.id} ({detail})")
@@ -118,6 +135,9 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
     results = report.load_results(runs)
     out = Path(report_dir) if report_dir else runs_dir
     out.mkdir(parents=True, exist_ok=True)
+    if report_dir:
+        for result in results:
+            grid_lib.save_record(result.run, out / "runs")
     pictures = report.plot_curves(results, out)
     args = [a for a in sys.argv[1:] if a != "--report-only"]  # the report is the same as the full run's
     command = "python " + " ".join(shlex.quote(a) for a in ["tools/reproduce.py", *args])
@@ -134,7 +154,7 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
     ])
     if not pictures and results:
         preamble += "\n- curves: install matplotlib (`pip install -e .[plots]`) and run again with `--report-only`"
-    text = report.markdown(f"Grid `{grid.name}`", preamble, results, grid.methods, pictures)
+    text = report.markdown(f"Grid `{grid.name}`", preamble, results, grid.arms, pictures, grid.comparisons)
     path = atomic_write(out / "report.md", lambda f: f.write(text.encode()))
     click.echo(text)
     click.echo(f"wrote {path}" + (f" and {len(pictures)} curve files" if pictures else ""))
