@@ -1,6 +1,7 @@
 # make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
 # make test  - fresh venv, install, the test suite (timm and matplotlib included)
-# make reproduce-cpu - the 2-hour baseline/DS/DKS grid on the shared CIFAR-10 (docs/results/cpu_cifar10)
+# make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit, ~100 min)
+# make reproduce-cpu-underfit - the earlier 75-minute grid in the underfitting regime (docs/results/cpu_cifar10)
 # make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for offline GPU servers
 # make gpu-check  - on a machine with one CUDA GPU: cuda tests, throughput, evidence run (tools/gpu_check.sh)
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: install demo test bench reproduce-cpu wheels gpu-check clean
+.PHONY: install demo test bench reproduce-cpu reproduce-cpu-underfit wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +36,9 @@ data/cifar10: $(CIFAR)
 	mkdir -p $@.tmp && tar xzf $(CIFAR) -C $@.tmp && mv $@.tmp $@
 
 reproduce-cpu: install data/cifar10
+	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10_fit.yaml --jobs 2 --report-dir docs/results/cpu_cifar10_fit
+
+reproduce-cpu-underfit: install data/cifar10
 	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10.yaml --report-dir docs/results/cpu_cifar10
 
 wheels:
