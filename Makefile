@@ -2,8 +2,11 @@
 # make test  - fresh venv, install, the test suite (timm and matplotlib included)
 # make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit, ~100 min)
 # make reproduce-cpu-underfit - the earlier 75-minute grid in the underfitting regime (docs/results/cpu_cifar10)
-# make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for offline GPU servers
-# make gpu-check  - on a machine with one CUDA GPU: cuda tests, throughput, evidence run (tools/gpu_check.sh)
+# make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for an offline GPU server's
+#                   Python (PY_VERSION=3.12 by default; PY_VERSION="3.11 3.12" for several)
+# make gpu-data   - the CIFAR-10 tarball copied to data/, where the GPU check looks (wheels/ and data/ travel)
+# make gpu-check  - on a machine with one CUDA GPU: cuda tests, throughput, evidence run, at most 9 minutes
+#                   (tools/gpu_check.sh; options through ARGS, e.g. make gpu-check ARGS=--dry-run)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,8 +14,10 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
+# The GPU server's Python version(s), for make wheels
+PY_VERSION ?= 3.12
 
-.PHONY: install demo test bench reproduce-cpu reproduce-cpu-underfit wheels gpu-check clean
+.PHONY: install demo test bench reproduce-cpu reproduce-cpu-underfit wheels gpu-data gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -42,10 +47,15 @@ reproduce-cpu-underfit: install data/cifar10
 	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10.yaml --report-dir docs/results/cpu_cifar10
 
 wheels:
-	$(PYTHON) tools/wheels.py --dest wheels
+	$(PYTHON) tools/wheels.py --dest wheels --python $(PY_VERSION)
+
+gpu-data: data/cifar10-jpeg.tar.gz
+
+data/cifar10-jpeg.tar.gz: $(CIFAR)
+	mkdir -p data && cp $(CIFAR) $@
 
 gpu-check:
-	bash tools/gpu_check.sh
+	bash tools/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf demo .pytest_cache build *.egg-info

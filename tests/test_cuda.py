@@ -43,7 +43,8 @@ def test_compile_trains_and_reports_compile_time_apart(tmp_path):
 def test_one_process_nccl_ddp_with_sync_bn(tmp_path):
     write(tmp_path / "toy.yaml", json.dumps(TOY))
     done = torchrun(["train", "toy.yaml", "--epochs", 1, "--limit-train-batches", 3, "--out", "ddp", "--device",
-                     "cuda", "--sync-bn", "--amp", "bf16"], tmp_path, nproc=1, env={"CUDA_VISIBLE_DEVICES": "0"})
+                     "cuda", "--sync-bn", "--amp", "bf16", "--collective-timeout", 45], tmp_path, nproc=1,
+                    env={"CUDA_VISIBLE_DEVICES": "0"}, timeout=90)  # below the GPU check's budget for the tests
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "on cuda:0 x1" in done.stdout and "DDP over 1 processes" in done.stdout and "SyncBatchNorm" in done.stdout
     strip(tmp_path / "ddp" / "last.pt")

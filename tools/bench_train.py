@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dksgraph.errors import first_line
 from dksgraph.spec import METHODS as SPEC_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,8 +211,12 @@ def throughput(spec_file: str, size: int, batch: int, method: str, data: str, co
 
 
 def throughput_table(args) -> list[dict]:
+    """Every row of the table, each in its own try: a row that fails is kept with its error and the table goes
+    on; after ``args.seconds`` no new row starts. With ``args.save`` the table is written after every row, so
+    that a run killed at a deadline keeps the rows it finished."""
     device = torch.device(args.device)
     rows = []
+    start = time.perf_counter()
     for spec_file, size, batch, paths in THROUGHPUT:
         if args.specs and spec_file.removesuffix(".yaml") not in args.specs:
             continue
@@ -219,10 +224,47 @@ def throughput_table(args) -> list[dict]:
         for data in paths:
             for compile_ in {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]:
                 for method in METHODS:
-                    rows.append(throughput(spec_file, size, batch, method, data, compile_, device, args.steps,
-                                           args.images, args.workers))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    if args.seconds and time.perf_counter() - start > args.seconds:
+                        print(f"--seconds {args.seconds} reached: the rows after {len(rows)} are left out",
+                              file=sys.stderr)
+                        return rows
+                    try:
+                        row = throughput(spec_file, size, batch, method, data, compile_, device, args.steps,
+                                         args.images, args.workers)
+                    except Exception as error:  # noqa: BLE001 - one failing row is reported, the table goes on
+                        row = {"backbone": spec_file.removesuffix(".yaml"), "input": size, "batch": batch,
+                               "method": method, "data": data, "workers": 0, "compile": compile_,
+                               "images_per_s": None, "first_step_s": None,
+                               "error": f"{type(error).__name__}: {first_line(error, 160)}"}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if args.save:
+                        save_throughput(args, rows)
     return rows
+
+
+def throughput_text(args, rows: list[dict]) -> tuple[dict, str]:
+    """The table as JSON-ready data and as text; a failed row shows its error in place of the figures."""
+    from dksgraph.formatting import format_table
+
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    result = {"device": name, "torch": torch.__version__, "steps": args.steps, "rows": rows}
+    table = [[r["backbone"], r["input"], r["batch"], r["method"], r["data"], r["workers"],
+              "yes" if r["compile"] else "no",
+              *((f"{r['images_per_s']:.0f}", f"{r['first_step_s']:.1f}") if r["images_per_s"] is not None
+                else ("failed", r["error"]))] for r in rows]
+    text = "\n".join([
+        f"{name}, torch {torch.__version__}, bf16 autocast + channels-last, {args.steps} timed steps after 3 "
+        "warm-up steps (compilation and autotuning land in the warm-up)", "",
+        format_table(table, ["backbone", "input", "batch", "method", "data", "workers", "compile", "img/s",
+                             "first step s"])])
+    return result, text
+
+
+def save_throughput(args, rows: list[dict]) -> None:
+    result, text = throughput_text(args, rows)
+    Path(args.save + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.save + ".md").write_text("```\n" + text + "\n```\n")
 
 
 def main() -> None:
@@ -242,7 +284,9 @@ def main() -> None:
     parser.add_argument("--specs", nargs="*", help="with --throughput: only these rows (resnet32, resnet50)")
     parser.add_argument("--compile", choices=["both", "off", "on"], default="both",
                         help="with --throughput: rows without and/or with torch.compile")
-    parser.add_argument("--save", metavar="PREFIX", help="with --throughput: also write PREFIX.json and PREFIX.md")
+    parser.add_argument("--save", metavar="PREFIX", help="with --throughput: also write PREFIX.json and PREFIX.md "
+                        "(rewritten after every row)")
+    parser.add_argument("--seconds", type=float, help="with --throughput: start no new row after this many seconds")
     parser.add_argument("--worker", nargs=2, metavar=("BACKBONE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -250,20 +294,9 @@ def main() -> None:
         return
     if args.throughput:
         rows = throughput_table(args)
-        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-        result = {"device": name, "torch": torch.__version__, "steps": args.steps, "rows": rows}
-        from dksgraph.formatting import format_table
-
-        text = "\n".join([
-            f"{name}, torch {torch.__version__}, bf16 autocast + channels-last, {args.steps} timed steps after 3 "
-            "warm-up steps (compilation and autotuning land in the warm-up)", "",
-            format_table([[r["backbone"], r["input"], r["batch"], r["method"], r["data"], r["workers"],
-                           "yes" if r["compile"] else "no", f"{r['images_per_s']:.0f}", f"{r['first_step_s']:.1f}"]
-                          for r in rows], ["backbone", "input", "batch", "method", "data", "workers", "compile",
-                                           "img/s", "first step s"])])
+        result, text = throughput_text(args, rows)
         if args.save:
-            Path(args.save + ".json").write_text(json.dumps(result, indent=2) + "\n")
-            Path(args.save + ".md").write_text("```\n" + text + "\n```\n")
+            save_throughput(args, rows)
         print(json.dumps(result, indent=2) if args.json else text)
         return
     rows = []
