@@ -1,6 +1,7 @@
 # make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
 # make test  - fresh venv, install, the test suite (timm and matplotlib included)
-# make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit, ~100 min)
+# make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit,
+#                     31 min on 2 cores with AVX-512, 122 min on a slower 2-core CPU without)
 # make reproduce-cpu-underfit - the earlier 75-minute grid in the underfitting regime (docs/results/cpu_cifar10)
 # make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for an offline GPU server's
 #                   Python (PY_VERSION=3.12 by default; PY_VERSION="3.11 3.12" for several)
