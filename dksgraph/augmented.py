@@ -20,17 +20,24 @@ Example::
 from __future__ import annotations
 
 import copy
-from typing import Any
+from pathlib import Path
+from typing import NamedTuple
 
 from torch import Tensor, fx, nn
 
-from dksgraph.branches import Branch, BranchPlan, build_branch, plan_branch
+from dksgraph.branches.build import Branch, build_branch
+from dksgraph.branches.plan import BranchPlan, plan_branch
+from dksgraph.checkpoint import checkpoint_spec, load_checkpoint, strict_load
 from dksgraph.errors import GraphError, SpecError
-from dksgraph.graph import Traced, trace
+from dksgraph.fx.graph import Traced, trace
+from dksgraph.fx.tracing import CONSTANTS, mode_of, move_constants, view_program
 from dksgraph.loss import pair_set
 from dksgraph.models import build_backbone, main_logits
-from dksgraph.spec import MAIN, Spec
-from dksgraph.tracing import CONSTANTS, move_constants, view_program
+from dksgraph.names import MAIN, Key
+from dksgraph.spec import Spec, TapSpec
+
+__all__ = ["AugmentedModel", "TapChoice", "augment", "load", "load_state", "load_with_checkpoint",
+           "main_program", "plan_taps", "resolve_taps"]
 
 
 class AugmentedModel(nn.Module):
@@ -56,6 +63,8 @@ class AugmentedModel(nn.Module):
         programs = {}
         for mode, graph in self.traced.graphs.items():
             programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans])
+        # kept in __dict__, not as attributes: nn.Module would register the programs as submodules, and their
+        # parameters (the backbone's own) would appear twice in state_dict() and parameters()
         self.__dict__["_programs"] = programs
 
     def _apply(self, fn, recurse: bool = True):
@@ -84,7 +93,7 @@ class AugmentedModel(nn.Module):
 
     def logits(self, x: Tensor) -> dict[str, Tensor]:
         """Every classifier's logits, ``main`` first, whatever ``eval_output`` says."""
-        result, *features = self.__dict__["_programs"][self.training](x)
+        result, *features = self.__dict__["_programs"][mode_of(self)](x)
         logits = {MAIN: main_logits(result)}
         for (label, branch), feature in zip(self.branches.items(), features):
             logits[label] = branch(feature)
@@ -92,7 +101,7 @@ class AugmentedModel(nn.Module):
 
     def forward_main(self, x: Tensor) -> Tensor:
         """Only the backbone's own logits, through the same program ``forward`` runs (no branches)."""
-        return main_logits(self.__dict__["_programs"][self.training](x)[0])
+        return main_logits(self.__dict__["_programs"][mode_of(self)](x)[0])
 
     def extra_repr(self) -> str:
         return f"classifiers={self.classifiers}"
@@ -131,35 +140,58 @@ def _in_place(node: fx.Node, backbone: nn.Module) -> bool:
     return bool(node.kwargs.get("inplace", False))
 
 
-def resolve_taps(spec: Spec, traced: Traced) -> list[tuple[str, str, Any, str]]:
-    """(label, node, TapSpec or None, reason) per tap, deep -> shallow."""
+class TapChoice(NamedTuple):
+    """One tap as the spec (or ``taps: auto``) chose it."""
+
+    label: str  # the classifier's name (c2, c3, ... or the spec's `name`)
+    node: str  # the traced node the branch reads
+    tap: TapSpec | None  # the spec's entry; None for `taps: auto`
+    reason: str  # why this tap (shown by inspect and augment)
+
+
+def resolve_taps(spec: Spec, traced: Traced) -> list[TapChoice]:
+    """Every tap of ``spec`` on ``traced``, deep -> shallow."""
     if spec.taps == "auto":
-        chosen = [(label, node, None, reason) for label, node, reason in traced.auto_taps()]
+        chosen = [TapChoice(label, node, None, reason) for label, node, reason in traced.auto_taps()]
         if not chosen:
             raise GraphError(
                 "`taps: auto` found no stage end before the final feature map to tap; list taps by hand "
                 "(`dksgraph inspect` shows the valid ones)."
             )
     else:
-        chosen = [(t.label, traced.check_tap(t.at), t, f"from the spec (`at: {t.at}`)") for t in spec.taps]
+        chosen = [TapChoice(t.label, traced.check_tap(t.at), t, f"from the spec (`at: {t.at}`)") for t in spec.taps]
     index = traced.index
-    return sorted(chosen, key=lambda c: -index[c[1]])
+    return sorted(chosen, key=lambda c: -index[c.node])
 
 
 def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
     """The plan of every tap's branch, deep -> shallow (nothing built)."""
-    return [plan_branch(traced, label, node, depth=tap.depth if tap else None, width=tap.width if tap else None,
-                        alpha=tap.alpha if tap else 1.0, tap=tap.at if tap else None, reason=reason,
-                        copy=spec.branch_copy)
-            for label, node, tap, reason in resolve_taps(spec, traced)]
+    plans = []
+    for choice in resolve_taps(spec, traced):
+        tap = choice.tap
+        plans.append(plan_branch(traced, choice.label, choice.node, depth=tap.depth if tap else None,
+                                 width=tap.width if tap else None, alpha=tap.alpha if tap else 1.0,
+                                 tap=tap.at if tap else None, reason=choice.reason, branch_copy=spec.branch_copy))
+    return plans
 
 
 def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = True,
             eval_output: str = "all") -> AugmentedModel:
     """Build (or take) the backbone, trace it, plan a branch per tap and build the branches.
 
-    ``pretrained=False`` skips ``backbone.weights`` (for a model about to receive a checkpoint's weights);
-    ``eval_output="main"`` makes the model return only the ``main`` logits in eval mode.
+    Args:
+        spec: the parsed spec (:func:`dksgraph.load_spec` / :func:`dksgraph.parse_spec`).
+        backbone: a network to augment instead of the one ``spec.backbone`` names; it is used as is,
+            never mutated.
+        pretrained: ``False`` skips ``backbone.weights`` (for a model about to receive a checkpoint's weights).
+        eval_output: ``"main"`` makes the model return only the ``main`` logits in eval mode (for evaluation
+            loops written for plain networks); ``"all"`` returns every classifier's.
+
+    Returns:
+        The AugmentedModel: ``forward(x)`` gives ``{classifier: logits}``, ``main`` first.
+
+    Raises:
+        SpecError, GraphError: a tap the backbone does not have, or a branch the rule cannot size.
     """
     if eval_output not in ("all", "main"):
         raise ValueError(f"eval_output must be 'all' or 'main', not {eval_output!r}")
@@ -173,3 +205,34 @@ def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = Tr
     model.branch_init = built[0][1] if built else "no branches"
     model.eval_output = eval_output
     return model
+
+
+def load(path: str | Path) -> AugmentedModel:
+    """The trained AugmentedModel of a dksgraph checkpoint (``last.pt``, ``best.pt``, ``augment --save``).
+
+    Args:
+        path: a dksgraph/1 checkpoint file, from any dksgraph release.
+
+    Returns:
+        The model its spec describes, holding its weights (loaded strictly), on the CPU, in train mode.
+
+    Raises:
+        CheckpointError: the file is missing, damaged, not a dksgraph checkpoint, or its weights do not fit
+            its spec.
+
+    >>> model = dksgraph.load("runs/r32-dks/best.pt").eval()          # doctest: +SKIP
+    """
+    return load_with_checkpoint(path)[0]
+
+
+def load_with_checkpoint(path: str | Path) -> tuple[AugmentedModel, dict]:
+    """:func:`load`, also returning the checkpoint's dict (epoch, history, metrics, ...)."""
+    ckpt = load_checkpoint(path)
+    model = augment(checkpoint_spec(ckpt, f"{path} (its spec)"), pretrained=False)
+    load_state(model, ckpt[Key.MODEL], path)
+    return model, ckpt
+
+
+def load_state(model: AugmentedModel, state: dict, path: str | Path) -> None:
+    """Strictly load a checkpoint's weights into ``model``, with a readable error when they do not fit its spec."""
+    strict_load(model, state, f"the weights in `{path}`", model.spec)

@@ -24,8 +24,11 @@ from typing import Any, BinaryIO
 import torch
 
 from dksgraph.errors import CheckpointError, WriteError, first_line
+from dksgraph.names import CHECKPOINT_FORMAT as FORMAT, Key
+from dksgraph.spec import parse_spec
 
-FORMAT = "dksgraph/1"
+__all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "checkpoint_spec", "link_file", "load_checkpoint",
+           "read_tensors", "remove_stale_temps", "save_checkpoint", "strict_load"]
 
 
 TEMP_SUFFIX = ".tmp"  # every file dksgraph writes is first `.NAME.XXXX.tmp` in the same folder
@@ -121,7 +124,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def save_checkpoint(path: str | Path, spec, model: torch.nn.Module, **extra: Any) -> Path:
     """Save the model's state_dict and spec (plus training state in ``extra``) as a dksgraph/1 file."""
-    payload = {"format": FORMAT, "spec": spec.model_dump(mode="json"), "model": model.state_dict(), **extra}
+    payload = {Key.FORMAT: FORMAT, Key.SPEC: spec.model_dump(mode="json"), Key.MODEL: model.state_dict(), **extra}
     return atomic_save(payload, path)
 
 
@@ -138,10 +141,9 @@ def checkpoint_spec(ckpt: dict[str, Any], source: str):
     segment branches and branch initialisation like the backbone's: their spec gets
     ``branch_copy: blocks`` and ``branch_init: pytorch``, which rebuild the branches they hold.
     """
-    from dksgraph.spec import parse_spec
 
-    data = dict(ckpt["spec"])
-    config = ckpt.get("config") or {}
+    data = dict(ckpt[Key.SPEC])
+    config = ckpt.get(Key.CONFIG) or {}
     legacy = {k: config[k] for k in _LEGACY_RECIPE if k in config}
     if legacy:
         data["train"] = {**(data.get("train") or {}), **legacy}
@@ -183,8 +185,8 @@ def read_tensors(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a dksgraph/1 checkpoint without unpickling arbitrary objects."""
     data = read_tensors(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if not isinstance(data, dict) or data.get(Key.FORMAT) != FORMAT:
+        found = data.get(Key.FORMAT) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
             f"`{path}` is not a {FORMAT} checkpoint (format: {found!r}). dksgraph reads the files that "
             "`dksgraph train` and `dksgraph augment --save` write; a plain state_dict has no spec to rebuild "
@@ -193,6 +195,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("spec", "model"):
         if key not in data:
             raise CheckpointError(f"`{path}` lacks the `{key}` entry every {FORMAT} checkpoint has; it is damaged.")
-    if not isinstance(data["model"], dict) or not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+    if not isinstance(data[Key.MODEL], dict) or not all(isinstance(v, torch.Tensor) for v in data[Key.MODEL].values()):
         raise CheckpointError(f"`{path}`: its `model` entry is not a state_dict of tensors; the file is damaged.")
     return data
+
+
+def strict_load(module: torch.nn.Module, state: dict, what: str, spec, assign: bool = False) -> None:
+    """Load ``state`` into ``module`` with ``strict=True``, or raise a CheckpointError that counts the missing,
+    unexpected and wrongly shaped entries and names ``spec``'s backbone (``what``: the weights, for the message)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of the wrong shape (e.g. {'; '.join(wrong[:2])})")
+        raise CheckpointError(
+            f"{what} do not fit the network the spec describes (`{spec.backbone.model}`, "
+            f"kwargs {dict(spec.backbone.kwargs)}): {', '.join(parts)} weights. The weights were saved from a "
+            "different model or spec; use the checkpoint together with the spec it was trained with."
+        )
+    module.load_state_dict(state, strict=True, assign=assign)

@@ -12,9 +12,10 @@ from pathlib import Path
 import click
 
 from dksgraph.errors import DksError
-from dksgraph.formats import FORMATS, SUFFIXES
 from dksgraph.formatting import fmt_shape
-from dksgraph.spec import ENSEMBLE, MAIN
+from dksgraph.names import ENSEMBLE, EXPORT_FORMATS as FORMATS, EXPORT_SUFFIXES as SUFFIXES, MAIN, RENDER_FORMATS, Key
+
+__all__ = ["augment", "cli", "export", "inspect", "main", "schema", "strip"]
 
 
 class _Group(click.Group):
@@ -80,9 +81,9 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
     SPEC_OR_MODEL is a spec file or a model name such as `zoo:resnet32`, `torchvision:resnet50`,
     `timm:resnet50d` or `package.module:factory`.
     """
-    from dksgraph.graph import trace
-    from dksgraph.models import build_backbone
     from dksgraph.formatting import format_table
+    from dksgraph.fx.graph import trace
+    from dksgraph.models import build_backbone
     from dksgraph.summary import TAP_HEADERS, tap_rows
 
     spec = _load(target, input_size, num_classes)
@@ -93,8 +94,8 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
                f"{len(t.order)} graph nodes, {len(t.cut_points)} cut points, {len(t.blocks)} blocks")
     click.echo(format_table(tap_rows(t, {node: label for label, node, _ in auto}, show_all), TAP_HEADERS))
     click.echo(f"\nfinal feature map: {t.alias(t.final)} ({fmt_shape(t.shapes[t.final])}, "
-               f"d={t.d[t.final]}); head: {', '.join(t.head)}")
-    click.echo("stages: " + "; ".join(f"d={s.d} {s.name} ({len(s.blocks)} blocks"
+               f"d={t.downsamplings[t.final]}); head: {', '.join(t.head)}")
+    click.echo("stages: " + "; ".join(f"d={s.downsamplings} {s.name} ({len(s.blocks)} blocks"
                                       f"{', strided' if s.downsamples else ''})" for s in t.stages))
     for label, node, reason in auto:
         click.echo(f"auto {label}: {t.alias(node)} - {reason}")
@@ -109,7 +110,7 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
 @_input_size
 @_num_classes
 @click.option("--render", "do_render", is_flag=True, help="Draw the augmented graph with graphviz.")
-@click.option("--format", "fmt", type=click.Choice(["svg", "png", "pdf", "dot"]), default="svg", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(RENDER_FORMATS), default="svg", show_default=True,
               help="Picture format for --render.")
 @click.option("--detail", is_flag=True, help="With --render, expand every block into its operations.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
@@ -182,9 +183,9 @@ def _write_classifier(checkpoint: str, output: str | None, name: str, fmt: str, 
     extra = f" and {done.path.name}.json" if fmt == "state_dict" else ""
     click.echo(f"wrote {done.path}{extra} ({done.parameters / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
     if name == MAIN:
-        branch_keys = [k for k in ckpt["model"] if k.startswith(BRANCHES)]
+        branch_keys = [k for k in ckpt[Key.MODEL] if k.startswith(BRANCHES)]
         labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
-        dropped = sum(ckpt["model"][k].numel() for k in branch_keys)
+        dropped = sum(ckpt[Key.MODEL][k].numel() for k in branch_keys)
         click.echo(f"dropped {len(labels)} branches with {dropped / 1e6:.3f}M values: what remains is the original network")
 
 

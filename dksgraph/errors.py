@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+__all__ = ["CheckpointError", "DksError", "GraphError", "RunAborted", "SpecError", "WriteError", "close_matches",
+           "first_line"]
+
 
 class DksError(Exception):
     """A problem with the user's input, explained in one paragraph (exit status :attr:`exit_code`)."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+__all__ = ["fmt_shape", "format_table"]
+
 
 def fmt_shape(shape: Sequence[int]) -> str:
     """``(64, 8, 8)`` -> ``64x8x8``."""

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from dksgraph.errors import SpecError
 from dksgraph.spec import METHODS, check_pairs
 
+__all__ = ["LossOutput", "SynergyLoss", "ensemble_probabilities", "pair_set"]
+
 
 def pair_set(pairs, classifiers: list[str]) -> list[tuple[str, str]]:
     """Expand a pair-set keyword (or validate an explicit list) into (teacher, student) pairs.
@@ -63,7 +65,17 @@ class LossOutput(NamedTuple):
 
 
 class SynergyLoss(nn.Module):
-    """L_c + L_a + L_s of the paper over the classifiers ``classifiers`` (deep -> shallow)."""
+    """L_c + L_a + L_s of the paper over the classifiers ``classifiers`` (deep -> shallow).
+
+    Args:
+        classifiers: the classifier names, ``main`` first (``AugmentedModel.classifiers``).
+        alphas: the weight of each auxiliary classifier's cross-entropy (default 1).
+        pairs: (teacher, student) pairs of the synergy term; empty for deep supervision.
+        beta: the weight of the synergy term.
+        temperature: the softmax temperature of the synergy term.
+
+    Calling it with ``({classifier: logits}, targets)`` returns a LossOutput: the total and each component.
+    """
 
     def __init__(self, classifiers: list[str], alphas: dict[str, float] | None = None,
                  pairs: list[tuple[str, str]] = (), beta: float = 1.0, temperature: float = 1.0) -> None:
@@ -114,3 +126,9 @@ class SynergyLoss(nn.Module):
             total = total + synergy
             parts += [scale * cross, synergy.reshape(1), (scale * (cross - entropy).sum()).reshape(1)]
         return LossOutput(total, torch.cat([total.detach().reshape(1), *[t.detach() for t in parts]]))
+
+
+def ensemble_probabilities(logits: list[Tensor]) -> Tensor:
+    """The ensemble's output, the one rule for it everywhere: the mean over classifiers of their softmax,
+    in float32 (``logits``: one N x C tensor per classifier)."""
+    return torch.stack([z.float() for z in logits]).softmax(-1).mean(0)

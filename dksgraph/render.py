@@ -17,12 +17,14 @@ from pathlib import Path
 import graphviz
 
 from dksgraph.augmented import AugmentedModel
+from dksgraph.checkpoint import atomic_write
 from dksgraph.errors import DksError
 from dksgraph.formatting import fmt_shape
 from dksgraph.loss import pair_set
-from dksgraph.checkpoint import atomic_write
+from dksgraph.names import RENDER_FORMATS
 
-FORMATS = ("svg", "png", "pdf", "dot")
+__all__ = ["BACKBONE", "BRANCH", "CLASSIFIER", "build_graph", "render"]
+
 BACKBONE = {"fillcolor": "#dbe9f6", "color": "#2b6ca3"}
 BRANCH = {"fillcolor": "#fde3c8", "color": "#c8621b"}
 CLASSIFIER = {"shape": "ellipse", "style": "filled,bold", "fillcolor": "#ffffff"}
@@ -59,10 +61,10 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
         g.edge(prev, "stem", label=_shape_label(*prev_shape))
         for q in stem_cut:
             anchors[q] = "stem"
-        prev, prev_shape = "stem", (t.shapes[stem_cut[-1]], t.d.get(stem_cut[-1]))
+        prev, prev_shape = "stem", (t.shapes[stem_cut[-1]], t.downsamplings.get(stem_cut[-1]))
     for stage in t.stages:
-        with g.subgraph(name=f"cluster_stage_{stage.d}") as sg:
-            sg.attr(label=f"stage {stage.name}  (d={stage.d})", style="rounded", color=BACKBONE["color"])
+        with g.subgraph(name=f"cluster_stage_{stage.downsamplings}") as sg:
+            sg.attr(label=f"stage {stage.name}  (d={stage.downsamplings})", style="rounded", color=BACKBONE["color"])
             for block in stage.blocks:
                 node_id = _id(block.path)
                 if detail:
@@ -73,26 +75,25 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
                 sg.node(node_id, label, **BACKBONE)
                 g.edge(prev, node_id, label=_shape_label(*prev_shape))
                 anchors[block.node] = node_id
-                prev, prev_shape = node_id, (block.out_shape, block.d)
+                prev, prev_shape = node_id, (block.out_shape, block.downsamplings)
     head_ops = [q for q in t.head if q in t.shapes]
     g.node("head", "head\n" + "\n".join(head_ops), **BACKBONE)
-    g.edge(prev, "head", label=_shape_label(t.shapes[t.final], t.d[t.final]))
+    g.edge(prev, "head", label=_shape_label(t.shapes[t.final], t.downsamplings[t.final]))
     g.node("clf_main", "main (C1)", **CLASSIFIER, color=BACKBONE["color"])
     g.edge("head", "clf_main")
     for number, plan in enumerate(model.plans, start=2):
         anchor = anchors.get(plan.node) or _nearest_anchor(t, anchors, plan.node)
         with g.subgraph(name=f"cluster_branch_{_id(plan.label)}") as bg:
             bg.attr(label=f"branch {plan.label} @ {plan.tap}", style="rounded,dashed", color=BRANCH["color"])
-            src, shape = anchor, (plan.in_shape, plan.d)
+            src, shape = anchor, (plan.in_shape, plan.downsamplings)
             for i, stage in enumerate(plan.stages):
                 sid = _id(f"{plan.label}_stage{i}")
                 width = f" x{stage.width:g} width" if stage.width != 1.0 else ""
-                kind = "copied" if stage.generic else "built"
-                bg.node(sid, f"{stage.block} x{stage.depth} @{stage.out_channels}{width}\n({kind} like {stage.source})",
-                        **BRANCH)
+                kind = "copied" if stage.copied else "built"
+                bg.node(sid, f"{stage.block} x{stage.depth} -> {fmt_shape(stage.out_shape)}{width}\n"
+                        f"({kind} like {stage.source})", **BRANCH)
                 g.edge(src, sid, label=_shape_label(*shape), color=BRANCH["color"])
-                spatial = t.stage_at(stage.d).end.out_shape[1:]
-                src, shape = sid, ((stage.out_channels, *spatial), stage.d)
+                src, shape = sid, (stage.out_shape, stage.downsamplings)  # the plan's shapes, never worked out again
             hid = _id(f"{plan.label}_head")
             bg.node(hid, "head (fresh copy)", **BRANCH)
             g.edge(src, hid, label=_shape_label(*shape), color=BRANCH["color"])
@@ -115,8 +116,8 @@ def _nearest_anchor(t, anchors: dict[str, str], node: str) -> str:
 
 def render(model: AugmentedModel, out_dir: str | Path = ".", fmt: str = "svg", detail: bool = False) -> tuple[Path, bool]:
     """Write ``<spec name>.augmented.<fmt>``; returns (path, rendered). Without `dot`, writes the .dot source."""
-    if fmt not in FORMATS:
-        raise DksError(f"unknown render format `{fmt}`; choose one of {', '.join(FORMATS)}.")
+    if fmt not in RENDER_FORMATS:
+        raise DksError(f"unknown render format `{fmt}`; choose one of {', '.join(RENDER_FORMATS)}.")
     g = build_graph(model, detail)
     stem = Path(out_dir) / f"{model.spec.display_name}.augmented"
     if fmt != "dot":

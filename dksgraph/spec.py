@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from pydantic import ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, model_validator)
 
 from dksgraph.errors import SpecError, close_matches
+from dksgraph.names import MAIN
+
+__all__ = ["BACKBONE_OVERRIDES", "DATASETS", "METHODS", "RECIPE_OVERRIDES", "BackboneSpec", "OptimizerSpec",
+           "ScheduleSpec", "Spec", "SynergySpec", "TapSpec", "TrainSpec", "apply_overrides", "check_pairs",
+           "describe_errors", "json_schema", "load_spec", "parse_spec", "read_yaml"]
 
 PairSet = Literal["bidirectional", "top_down", "bottom_up", "none"]
 Method = Literal["dks", "ds", "baseline"]
@@ -28,8 +33,6 @@ Augmentation = Literal["cifar", "imagenet", "imagenet_inception", "none"]
 Schedule = Literal["multistep", "step", "cosine"]
 METHODS: tuple[str, ...] = get_args(Method)
 DATASETS: tuple[str, ...] = get_args(Dataset)
-MAIN = "main"
-ENSEMBLE = "ensemble"  # the mean softmax of several classifiers (evaluation and export)
 
 
 class _Strict(BaseModel):

@@ -14,8 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dksgraph.augmented import AugmentedModel
 from dksgraph.formatting import fmt_shape
-from dksgraph.graph import Traced
-from dksgraph.tracing import in_mode
+from dksgraph.fx.graph import Traced
+from dksgraph.fx.tracing import EVAL, in_mode
+
+__all__ = ["CLASSIFIER_HEADERS", "TAP_HEADERS", "classifier_rows", "count_parameters", "flops", "tap_rows"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -23,7 +25,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def flops(module: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), in_mode(False, module), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), in_mode(EVAL, module), FlopCounterMode(display=False) as counter:
         module(x)
     return int(counter.get_total_flops())
 
@@ -36,7 +38,7 @@ def classifier_rows(model: AugmentedModel) -> tuple[list[list[object]], str]:
     base_flops = flops(model.backbone, x)
     base_params = count_parameters(model.backbone)
     rows: list[list[object]] = [[
-        "main (C1)", "-", fmt_shape(t.shapes[t.final]), t.d[t.final], "backbone", f"{base_params / 1e6:.3f}",
+        "main (C1)", "-", fmt_shape(t.shapes[t.final]), t.downsamplings[t.final], "backbone", f"{base_params / 1e6:.3f}",
         f"{base_flops / 1e6:.1f}",
     ]]
     extra_params = extra_flops = 0
@@ -46,7 +48,8 @@ def classifier_rows(model: AugmentedModel) -> tuple[list[list[object]], str]:
         f, p = flops(branch, feature), count_parameters(branch)
         extra_flops += f
         extra_params += p
-        rows.append([f"{plan.label} (C{number})", plan.tap, fmt_shape(plan.in_shape), plan.d, plan.describe(),
+        rows.append([f"{plan.label} (C{number})", plan.tap, fmt_shape(plan.in_shape), plan.downsamplings,
+                     plan.describe(),
                      f"{p / 1e6:.3f}", f"{f / 1e6:.1f}"])
     footer = (f"training overhead vs backbone: +{100 * extra_params / base_params:.1f}% parameters, "
               f"+{100 * extra_flops / max(base_flops, 1):.1f}% FLOPs per image; "
@@ -75,7 +78,8 @@ def tap_rows(t: Traced, auto: dict[str, str], inside_blocks: bool = False) -> li
             where = f"end of stage {stage_end[q].name}"
         elif q in block_at:
             where = f"block ({block_at[q].type_name})"
-        rows.append([t.alias(q), q if q != t.alias(q) else "", fmt_shape(t.shapes[q]), t.d[q], where, auto.get(q, "")])
+        rows.append([t.alias(q), q if q != t.alias(q) else "", fmt_shape(t.shapes[q]), t.downsamplings[q], where,
+                     auto.get(q, "")])
     return rows
 
 

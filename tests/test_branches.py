@@ -64,7 +64,7 @@ def test_every_branch_ends_at_the_final_feature_map_size(built, name):
         feature = torch.randn(2, *t.shapes[plan.node])
         out = model.branches[plan.label].stages(feature)
         assert out.shape[2:] == final[1:], plan.label
-        assert len(plan.stages) == t.d[t.final] - t.d[plan.node]
+        assert len(plan.stages) == t.downsamplings[t.final] - t.downsamplings[plan.node]
 
 
 def test_branch_head_is_a_fresh_resized_copy(built):

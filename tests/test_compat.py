@@ -34,12 +34,13 @@ def test_a_first_release_checkpoint_strips_evaluates_and_resumes(run, tmp_path):
 def test_stripping_a_checkpoint_builds_no_branch(monkeypatch):
     import pytest
 
-    from dksgraph import augmented, branches
+    from dksgraph import augmented
+    from dksgraph.branches import build, plan
     from dksgraph.deploy import strip
 
-    for module in (augmented, branches):
-        monkeypatch.setattr(module, "build_branch", lambda *a, **k: pytest.fail("strip built a branch"))
-        monkeypatch.setattr(module, "plan_branch", lambda *a, **k: pytest.fail("strip planned a branch"))
+    for module, name in ((augmented, "build_branch"), (augmented, "plan_branch"), (build, "build_branch"),
+                         (plan, "plan_branch")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"strip called {_name}"))
     strip(FIRST_RELEASE)
 
 

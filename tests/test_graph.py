@@ -3,7 +3,7 @@ import torchvision
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from dksgraph.errors import GraphError
-from dksgraph.graph import trace
+from dksgraph.fx.graph import trace
 from dksgraph.models.cifar_resnet import resnet32
 from toynets import gated_net, odd_net, tree_net
 
@@ -27,9 +27,9 @@ def test_cut_points_are_block_outputs_not_block_interiors(r32):
 
 
 def test_downsampling_counts_stages_and_final_map(r32):
-    assert [(s.d, s.name, len(s.blocks), s.downsamples) for s in r32.stages] == [
+    assert [(s.downsamplings, s.name, len(s.blocks), s.downsamples) for s in r32.stages] == [
         (0, "layer1", 5, False), (1, "layer2", 5, True), (2, "layer3", 5, True)]
-    assert r32.final == "layer3.4.relu_1" and r32.d[r32.final] == 2
+    assert r32.final == "layer3.4.relu_1" and r32.downsamplings[r32.final] == 2
     assert r32.head == ["avgpool", "flatten", "fc"]
 
 
@@ -84,19 +84,19 @@ def test_untraceable_module_is_named_with_leaf_module_advice():
     with pytest.raises(GraphError, match=r"module `stage2.1.1` \(Gate\).*backbone.leaf_modules"):
         trace(gated_net(), (3, 32, 32))
     t = trace(gated_net(), (3, 32, 32), leaf_modules=["Gate"])
-    assert t.d[t.final] == 2
+    assert t.downsamplings[t.final] == 2
 
 
 def test_generic_family_stages():
     t = trace(odd_net(), (3, 32, 32))
-    assert [(s.d, len(s.blocks)) for s in t.stages] == [(0, 2), (1, 2), (2, 2)]
+    assert [(s.downsamplings, len(s.blocks)) for s in t.stages] == [(0, 2), (1, 2), (2, 2)]
 
 
 def test_downsampling_children_of_the_root_after_the_last_container_are_stages():
     """DLA's layout: level2..level4 are stages, the composite global pool belongs to the head."""
     t = trace(tree_net(), (3, 32, 32))
     assert [b.path for b in t.blocks][-3:] == ["level2", "level3", "level4"]
-    assert t.final == "level4.relu" and t.d[t.final] == 4
+    assert t.final == "level4.relu" and t.downsamplings[t.final] == 4
     assert t.head[0] == "global_pool.pool" and "scale" in t.head
     assert [t.alias(node) for _, node, _ in t.auto_taps()] == ["level3", "level2"]
 

@@ -3,12 +3,13 @@ a fixed-size head pool, reduction cells between stages, functional pooling (hand
 
 import pytest
 import torch
+from toynets import flat_densenet, functional_pool_net, reduction_cell_net, twice_pool_net
 
 from dksgraph.augmented import augment
 from dksgraph.deploy import strip
-from dksgraph.graph import trace
+from dksgraph.fx.graph import trace
+from dksgraph.fx.tracing import TRAIN
 from dksgraph.spec import parse_spec
-from toynets import flat_densenet, functional_pool_net, reduction_cell_net, twice_pool_net
 
 LAYOUTS = {  # toy: (stage ends tapped by `taps: auto` (c2, c3), the downsampling modules between stages)
     "flat_densenet": (["dense3", "dense2"], ["trans1", "trans2", "trans3"]),
@@ -40,17 +41,17 @@ def test_inspect_lists_a_tap_before_every_downsampling(name):
     t = trace({"flat_densenet": flat_densenet, "twice_pool_net": twice_pool_net,
                "reduction_cell_net": reduction_cell_net, "functional_pool_net": functional_pool_net}[name](),
               (3, 32, 32))
-    for k in range(1, t.d[t.final] + 1):  # the end of the run at count k - 1, just before downsampling k
-        last = max((q for q in t.cut_points if t.d.get(q) == k - 1), key=t.index.get)
+    for k in range(1, t.downsamplings[t.final] + 1):  # the end of the run at count k - 1, just before downsampling k
+        last = max((q for q in t.cut_points if t.downsamplings.get(q) == k - 1), key=t.index.get)
         assert last in t.valid_taps(), (k, last)
 
 
 def test_the_pool_called_twice_is_two_blocks_and_the_fixed_head_pool_is_the_heads():
     t = trace(twice_pool_net(), (3, 32, 32))
     pools = [b for b in t.blocks if b.path == "maxpool"]
-    assert [b.node for b in pools] == ["maxpool", "maxpool_1"] and [b.d for b in pools] == [1, 2]
+    assert [b.node for b in pools] == ["maxpool", "maxpool_1"] and [b.downsamplings for b in pools] == [1, 2]
     assert "avgpool" in t.head and not any(b.path == "avgpool" for b in t.blocks)
-    assert [s.d for s in t.stages] == [0, 1, 2] and all(s.downsamples for s in t.stages[1:])
+    assert [s.downsamplings for s in t.stages] == [0, 1, 2] and all(s.downsamples for s in t.stages[1:])
 
 
 def test_functional_pooling_between_stages_gets_a_segment_that_copies_the_pooling():
@@ -60,7 +61,7 @@ def test_functional_pooling_between_stages_gets_a_segment_that_copies_the_poolin
     assert plan.segment and [s.depth for s in plan.stages] == [4, 1]
     assert [(u.name, u.repeat) for u in plan.units if u.repeat != 1] == [("stage2.2", 2), ("stage3.1", 0)]
     assert any(u.kind == "ops" for u in plan.units)  # the functional max-pool between stages
-    code = "".join(piece.__dict__["_programs"][True].code for piece in model.branches["c3"].stages)
+    code = "".join(piece.__dict__["_programs"][TRAIN].code for piece in model.branches["c3"].stages)
     assert code.count("functional.max_pool2d(") == 2
 
 

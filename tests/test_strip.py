@@ -6,7 +6,8 @@ from torch import nn
 from conftest import SPECS
 from dksgraph.augmented import augment
 from dksgraph.spec import load_spec, parse_spec
-from dksgraph.deploy import export, identical, probe_input, strip
+from dksgraph.deploy import export, probe_input, strip
+from dksgraph.deploy.formats import identical
 from dksgraph.checkpoint import save_checkpoint
 from dksgraph.errors import DksError
 

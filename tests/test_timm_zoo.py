@@ -26,7 +26,7 @@ def test_timm_notrace_modules_are_leaves():
     import timm
     from timm.layers import get_notrace_modules
 
-    from dksgraph.tracing import trace_graph
+    from dksgraph.fx.tracing import trace_graph
 
     model = timm.create_model("efficientvit_b0", num_classes=10)
     leaf_types = tuple(get_notrace_modules())

@@ -10,20 +10,20 @@ import tomllib
 
 import pytest
 import torch
+from conftest import ROOT, image_folder, write
 from PIL import Image
+from test_train import TOY, config, interrupted_run, toy
 from torch import nn
 
-from conftest import ROOT, image_folder, write
 from dksgraph.augmented import augment
+from dksgraph.checkpoint import link_file, load_checkpoint
 from dksgraph.loss import SynergyLoss
 from dksgraph.spec import RECIPE_OVERRIDES, load_spec, parse_spec
 from dksgraph.train import distributed, engine, seeds
-from dksgraph.checkpoint import link_file, load_checkpoint
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, transforms_for
-from dksgraph.train.engine import configure_backends, train_one_epoch
-from dksgraph.train.trainer import Trainer
+from dksgraph.train.engine import EpochOptions, configure_backends, train_one_epoch
 from dksgraph.train.runconfig import RunConfig
-from test_train import TOY, config, interrupted_run, toy
+from dksgraph.train.trainer import Trainer
 
 GOOGLENET = """
 name: gnet
@@ -170,6 +170,7 @@ import os, sys, time
 import torch
 from torchvision import datasets
 from dksgraph.train import data, distributed
+from dksgraph.train.runconfig import RunConfig
 
 root = sys.argv[1]
 
@@ -185,7 +186,7 @@ class Fake:
             f.write(f"{rank} {download} {time.time()}\\n")
 
 datasets.CIFAR10 = Fake
-distributed.setup(torch.device("cpu"))
+distributed.setup(torch.device("cpu"), RunConfig().collective_timeout)
 data._cifar("cifar10", root, True, None)
 distributed.teardown()
 """
@@ -385,7 +386,7 @@ class SlowFirstCall(nn.Module):
 def test_the_first_step_is_timed_apart_and_compiled_parts_are_named(tmp_path):
     trainer = Trainer(toy(), config(tmp_path / "c", limit_train_batches=4))
     record = train_one_epoch(SlowFirstCall(trainer.model), trainer.loss_fn, trainer.optimizer, trainer.train_batches,
-                             steps=4, progress=False)
+                             EpochOptions(steps=4, show_progress=False))
     assert record["train/first_step_s"] >= 0.5
     rest = record["train/seconds"] - record["train/first_step_s"]
     assert record["train/images_per_s"] == pytest.approx(3 * 16 / rest, rel=0.1)  # three steps after the first
@@ -442,7 +443,7 @@ def test_run_config_holds_runtime_settings_only():
 
 
 def test_epochs_scale_the_milestones_on_the_command_line_as_in_grids(run, tmp_path):
-    from dksgraph import grid as grid_lib
+    from dksgraph.experiments import grid as grid_lib
 
     write(tmp_path / "toy.yaml", json.dumps({**TOY, "train": {**TOY["train"], "schedule": {
         "name": "multistep", "milestones": [1], "gamma": 0.5}}}))

@@ -50,9 +50,8 @@ class Setup:
     def __init__(self, backbone: str, method: str, device: torch.device, channels_last: bool = False) -> None:
         from dksgraph.augmented import augment
         from dksgraph.loss import SynergyLoss
-        from dksgraph.spec import load_spec
+        from dksgraph.spec import apply_overrides, load_spec
         from dksgraph.summary import flops
-        from dksgraph.spec import apply_overrides
         from dksgraph.train.engine import run_spec
 
         spec_file, size, batch = BACKBONES[backbone]
@@ -177,10 +176,9 @@ def throughput(spec_file: str, size: int, batch: int, method: str, data: str, co
     from dksgraph.augmented import augment
     from dksgraph.loss import SynergyLoss
     from dksgraph.spec import apply_overrides, load_spec
-    from dksgraph.train import device_data
-    from dksgraph.train import optim as optim_lib
+    from dksgraph.train import device_data, optim as optim_lib
     from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, transforms_for
-    from dksgraph.train.engine import configure_backends, run_spec, train_one_epoch
+    from dksgraph.train.engine import EpochOptions, configure_backends, run_spec, train_one_epoch
 
     spec = apply_overrides(load_spec(ROOT / "specs" / spec_file), input_size=(3, size, size), method=method,
                            num_classes=10, batch_size=batch)
@@ -202,9 +200,9 @@ def throughput(spec_file: str, size: int, batch: int, method: str, data: str, co
         labels = torch.randint(0, 10, (images,), generator=gen).to(device)
         batches = device_data.DeviceBatches(pixels, labels, batch, normalize, train=True, augmentation="cifar")
     net = torch.compile(model) if compile_ else model
-    common = dict(scheduler=scheduler, amp="bf16", progress=False)
-    warm = train_one_epoch(net, loss_fn, optimizer, batches, steps=3, **common)  # compile, autotune, workers
-    timed = train_one_epoch(net, loss_fn, optimizer, batches, steps=steps, epoch=1, **common)
+    common = dict(scheduler=scheduler, amp="bf16", show_progress=False)
+    warm = train_one_epoch(net, loss_fn, optimizer, batches, EpochOptions(steps=3, **common))  # compile, autotune
+    timed = train_one_epoch(net, loss_fn, optimizer, batches, EpochOptions(steps=steps, epoch=1, **common))
     return {"backbone": spec.backbone.model, "input": size, "batch": batch, "method": method, "data": data,
             "workers": workers if data == "loader" else 0, "compile": compile_, "images_per_s": timed["train/images_per_s"],
             "first_step_s": warm["train/first_step_s"]}

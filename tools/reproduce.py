@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dksgraph import grid as grid_lib  # noqa: E402
-from dksgraph import report  # noqa: E402
+from dksgraph.experiments import grid as grid_lib  # noqa: E402
+from dksgraph.experiments import report  # noqa: E402
 from dksgraph.errors import DksError  # noqa: E402
 from dksgraph.checkpoint import atomic_write  # noqa: E402
 from dksgraph.train.progress import progress  # noqa: E402

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import NamedTuple
-
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from dksgraph.errors import GraphError, SpecError, close_matches, first_line
 from dksgraph.models import cifar_resnet, densenet, mobilenet, wrn
+from dksgraph.models.weights import load_pretrained
+
+__all__ = ["ZOO", "ZooEntry", "build_backbone", "main_logits", "resolve_factory", "small_input_size"]
 
 
 class ZooEntry(NamedTuple):
@@ -71,8 +72,6 @@ def build_backbone(backbone, pretrained: bool = True) -> nn.Module:
         )
     factory = resolve_factory(name)
     if pretrained and backbone.weights:
-        from dksgraph.models.weights import load_pretrained
-
         model = load_pretrained(backbone, factory)
     else:
         try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["CifarBasicBlock", "CifarResNet", "resnet110", "resnet1202", "resnet32"]
+
 
 class CifarBasicBlock(nn.Module):
     """Two 3x3 convolutions with a parameter-free shortcut (strided identity, zero-padded channels)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+__all__ = ["CifarDenseNet", "DenseLayer", "Transition", "dense_block", "densenet100", "densenet40", "densenet_bc100"]
+
 
 class DenseLayer(nn.Module):
     """BN-ReLU-conv3x3 (with a BN-ReLU-conv1x1 bottleneck to 4k when ``bottleneck``), concatenated."""

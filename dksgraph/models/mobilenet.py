@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+__all__ = ["CONFIG", "ConvBNReLU", "DepthwiseSeparable", "MobileNetCifar", "mobilenet"]
+
 # (output channels, stride) of the 13 depthwise-separable blocks; the stem is a plain 3x3 conv to 32.
 CONFIG = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
 

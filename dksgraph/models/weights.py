@@ -25,7 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dksgraph.checkpoint import read_tensors
 from dksgraph.errors import SpecError, first_line
+from dksgraph.names import CHECKPOINT_FORMAT, Key
+
+__all__ = ["load_pretrained"]
 
 
 def load_pretrained(backbone, factory) -> nn.Module:
@@ -101,11 +105,9 @@ def _from_timm(model: str, kwargs: dict, num_classes: int | None) -> nn.Module:
 
 
 def _from_file(name: str, factory, kwargs: dict, num_classes: int | None, path: Path) -> nn.Module:
-    from dksgraph.checkpoint import read_tensors
-
     state = read_tensors(path)
-    if state.get("format") == "dksgraph/1":
-        state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    if state.get(Key.FORMAT) == CHECKPOINT_FORMAT:
+        state = {k[len("backbone."):]: v for k, v in state[Key.MODEL].items() if k.startswith("backbone.")}
     elif isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     elif isinstance(state.get("model"), dict):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+__all__ = ["PreActBlock", "WideResNet", "wrn28_10", "wrn28_4"]
+
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 with a 1x1 projection shortcut when shapes change."""

@@ -3,7 +3,7 @@
 Flags are of two kinds. Recipe flags (``--method``, ``--dataset``, ``--epochs``, ``--lr``, ...) override
 the spec's ``train:`` section through :func:`dksgraph.spec.apply_overrides` and are stored in the
 checkpoint's spec; a resumed run refuses to change them. Runtime flags (``--device``, ``--amp``,
-``--workers``, ``--compile``, limits, ...) form the :class:`~dksgraph.train.engine.RunConfig` and may
+``--workers``, ``--compile``, limits, ...) form the :class:`~dksgraph.train.runconfig.RunConfig` and may
 change on every resume.
 """
 
@@ -17,8 +17,11 @@ from typing import get_args
 import click
 
 from dksgraph.errors import DksError, first_line
-from dksgraph.spec import DATASETS, ENSEMBLE, METHODS, Schedule
+from dksgraph.names import ENSEMBLE, Key, RunFile, acc1, acc5
+from dksgraph.spec import DATASETS, METHODS, Schedule
 from dksgraph.train.runconfig import AMP_MODES, DEVICES
+
+__all__ = ["RESUMABLE_RECIPE", "evaluate", "train"]
 RESUMABLE_RECIPE = ("data_dir",)  # where the data lives may change between machines; what it is may not
 
 
@@ -129,7 +132,7 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
                 "(device, AMP, workers, compile, limits) may change. Drop those flags, or start a new run with them."
             )
         spec = apply_overrides(spec, data_dir=recipe.get("data_dir"))
-        config = replace(RunConfig.from_dict(ckpt.get("config") or {}), **runtime, out=str(Path(resume).parent))
+        config = replace(RunConfig.from_dict(ckpt.get(Key.CONFIG) or {}), **runtime, out=str(Path(resume).parent))
         if config.amp == "fp16" and "amp" not in runtime and (config.device == "cpu" or not _has_cuda()):
             raise DksError(f"the run in `{resume}` trained with `--amp fp16`, which needs a CUDA GPU; to continue it "
                            "here add `--amp bf16` or `--amp none` (runtime settings may change on resume).")
@@ -212,7 +215,7 @@ def _resumable(path: str) -> dict:
     try:
         return load_checkpoint(path)
     except CheckpointError as exc:
-        best = Path(path).with_name("best.pt")
+        best = Path(path).with_name(RunFile.BEST)
         hint = ""
         if best.is_file() and best.resolve() != Path(path).resolve():
             try:
@@ -256,43 +259,40 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     """
     import torch
 
-    from dksgraph.augmented import augment
-    from dksgraph.spec import apply_overrides
-    from dksgraph.deploy import load_augmented_state
+    from dksgraph.augmented import load_with_checkpoint
+    from dksgraph.checkpoint import atomic_write
     from dksgraph.formatting import fmt_shape, format_table
+    from dksgraph.spec import apply_overrides
     from dksgraph.train import distributed
-    from dksgraph.checkpoint import atomic_write, load_checkpoint, checkpoint_spec
+    from dksgraph.train.engine import (batches_for, check_amp, configure_backends, evaluate as run_eval, resolve_device,
+                                       run_spec)
     from dksgraph.train.runconfig import RunConfig
-    from dksgraph.train.engine import (batches_for, check_amp, configure_backends, evaluate as run_eval,
-                                       resolve_device, run_spec)
 
-    ckpt = load_checkpoint(checkpoint)
-    spec = run_spec(apply_overrides(checkpoint_spec(ckpt, f"{checkpoint} (its spec)"), dataset=dataset, data_dir=data_dir))
+    model, ckpt = load_with_checkpoint(checkpoint)
+    spec = run_spec(apply_overrides(model.spec, dataset=dataset, data_dir=data_dir))
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"test_subset": None})})
     config = RunConfig(device=device, amp=amp, channels_last=channels_last, workers=workers,
                        data_on_device=data_on_device)
     target = resolve_device(device)
     check_amp(amp, target)
     configure_backends(target, deterministic=False)
-    model = augment(spec, pretrained=False)
-    load_augmented_state(model, ckpt["model"], checkpoint)
     model.to(target)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     batches = batches_for(spec, "test", batch_size, config, target, distributed.World())
     record = run_eval(model, batches, model.classifiers, amp=amp, steps=limit_eval_batches)
     names = [*model.classifiers, ENSEMBLE]
-    rows = [[n, f"{record[f'test/acc1/{n}']:.2f}", f"{record[f'test/acc5/{n}']:.2f}"]
-            for n in names if f"test/acc1/{n}" in record]
+    rows = [[n, f"{record[acc1('test', n)]:.2f}", f"{record[acc5('test', n)]:.2f}"]
+            for n in names if acc1("test", n) in record]
     click.echo(f"{spec.display_name} ({spec.train.method}), epoch {ckpt.get('epoch', '?')}, {spec.train.dataset} "
                f"test set ({batches.num_images} images{f', first {limit_eval_batches} batches' if limit_eval_batches else ''}"
                f") on {target}{f', {amp} autocast' if amp != 'none' else ''}:")
     click.echo(format_table(rows, ["classifier", "top-1 %", "top-5 %"]))
     if costs:
-        from dksgraph import costs as cost_lib
+        from dksgraph.deploy import costs as cost_lib
 
-        measured = cost_lib.classifier_costs(model.eval(), {n: record[f"test/acc1/{n}"] for n in names
-                                                            if f"test/acc1/{n}" in record})
+        measured = cost_lib.classifier_costs(model.eval(), {n: record[acc1("test", n)] for n in names
+                                                            if acc1("test", n) in record})
         click.echo(f"\ncosts per classifier (CPU, {torch.get_num_threads()} threads, median of repeated runs; "
                    f"input {fmt_shape(spec.backbone.input_size)}):")
         click.echo(cost_lib.markdown(measured))
@@ -302,7 +302,7 @@ def evaluate(checkpoint, dataset, data_dir, batch_size, limit_eval_batches, devi
     elif plot:
         raise DksError("`--plot` draws the costs; add `--costs`.")
     if json_out:
-        record.update({"epoch": ckpt.get("epoch"), "images": batches.num_images, "dataset": spec.train.dataset,
+        record.update({"epoch": ckpt.get(Key.EPOCH), "images": batches.num_images, "dataset": spec.train.dataset,
                        "limit_eval_batches": limit_eval_batches})
         atomic_write(json_out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
         click.echo(f"wrote {json_out}")

@@ -31,6 +31,10 @@ from dksgraph.spec import TrainSpec
 from dksgraph.train import distributed
 from dksgraph.train.seeds import epoch_order
 
+__all__ = ["STATS", "BadImage", "LoaderBatches", "Normalizer", "SeededDataset", "ShardSampler", "SyntheticImages",
+           "bad_image_error", "collate_readable", "default_workers", "load_split", "read_item", "stats_for",
+           "transforms_for"]
+
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

@@ -30,6 +30,8 @@ from dksgraph.formatting import fmt_shape
 from dksgraph.train.data import BadImage, Normalizer, bad_image_error, read_item
 from dksgraph.train.seeds import DEVICE_AUGMENT, derive, epoch_order
 
+__all__ = ["AUGMENTATIONS", "DeviceBatches", "decode", "random_crop_flip"]
+
 AUGMENTATIONS = ("cifar", "none")  # the pipelines this path reproduces
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+__all__ = ["World", "all_reduce_sum", "any_rank", "barrier", "from_env", "main_first", "setup", "sync_buffers",
+           "teardown", "unused_parameters", "world_size", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,10 @@ def from_env() -> World:
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
-def setup(device: torch.device, timeout: float = 600.0) -> World:
+def setup(device: torch.device, timeout: float) -> World:
     """Join the process group torchrun describes (if any); pins this process to its GPU on CUDA.
 
-    A collective that waits longer than ``timeout`` seconds for the other ranks (one of them died)
+    A collective that waits longer than ``timeout`` seconds (``RunConfig.collective_timeout``) for the other ranks (one of them died)
     fails instead of hanging.
     """
     world = from_env()

@@ -16,19 +16,25 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dksgraph.errors import DksError
 from dksgraph.loss import SynergyLoss
-from dksgraph.spec import MAIN, Spec
+from dksgraph.names import MAIN, loss_key
+from dksgraph.spec import Spec
 from dksgraph.train import device_data, distributed
 from dksgraph.train.data import LoaderBatches, Normalizer, ShardSampler, default_workers, load_split, stats_for
 from dksgraph.train.metrics import AccuracyCounter
 from dksgraph.train.progress import PRINT_EVERY, progress as progress_report
 from dksgraph.train.runconfig import AMP_MODES, DEVICES, RunConfig
 from dksgraph.train.seeds import seed_process
+
+__all__ = ["AMP", "EpochOptions", "EpochProgress", "NonFiniteLoss", "batches_for", "check_amp", "configure_backends",
+           "evaluate", "resolve_device", "run_spec", "train_one_epoch"]
 
 AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
@@ -103,31 +109,59 @@ class EpochProgress:
         self.images, self.elapsed, self.first_step_s = state["images"], state["elapsed"], state["first_step_s"]
 
 
-def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim.Optimizer, batches: Iterable, *,
-                    scheduler=None, scaler: torch.amp.GradScaler | None = None, amp: str = "none",
-                    steps: int | None = None, epoch: int = 0, epochs: int = 1, start_step: int = 0,
-                    progress_state: EpochProgress | None = None, seed: int | None = None, rank: int = 0,
-                    on_step: Callable[[int, int], None] | None = None, log_every: int = 10,
-                    progress: bool = True, print_every: int = PRINT_EVERY) -> dict:
-    """One epoch of DKS training over ``batches`` (device-ready ``(x, y)``); returns the epoch's metrics.
+@dataclass
+class EpochOptions:
+    """How :func:`train_one_epoch` runs an epoch; every field has the default of a plain, single-process epoch."""
 
-    ``scheduler`` is stepped after every optimiser step. With ``seed``, the process RNGs (dropout) are
-    reseeded before every step from (seed, epoch, step, rank), so an epoch resumed at ``start_step``
-    (``batches`` positioned there, ``progress_state`` holding what came before) continues exactly.
-    The first step this call runs is timed apart (``train/first_step_s``: compilation and cuDNN
-    autotuning land there) and left out of images/s. Raises :class:`NonFiniteLoss` on every rank when
-    any rank's loss is NaN or infinite.
+    scheduler: Any = None  # stepped after every optimiser step (RecipeLR or any LR scheduler)
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    amp: str = "none"  # none, bf16 or fp16 autocast
+    steps: int | None = None  # steps in the epoch (default: len(batches) + start_step)
+    epoch: int = 0  # zero-based, for the RNG streams and the progress label
+    epochs: int = 1  # for the progress label
+    start_step: int = 0  # a resumed epoch starts here, ``batches`` positioned there
+    resumed: EpochProgress | None = None  # what the epoch gathered before start_step
+    seed: int | None = None  # reseed the process RNGs (dropout) from (seed, epoch, step, rank) before every step
+    rank: int = 0
+    on_step: Callable[[int, int], None] | None = None  # called with (epoch, step) after every step
+    finite_check_every: int = 10  # steps between the all-rank checks for a non-finite loss
+    show_progress: bool = True  # a bar on a terminal, a line every print_every steps elsewhere
+    print_every: int = PRINT_EVERY
+
+
+def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim.Optimizer, batches: Iterable,
+                    options: EpochOptions | None = None) -> dict:
+    """One epoch of DKS training over ``batches`` (device-ready ``(x, y)``).
+
+    Args:
+        net: the AugmentedModel (or its compiled or DDP-wrapped form); it returns ``{classifier: logits}``.
+        loss_fn: the SynergyLoss for its classifiers.
+        optimizer: any optimiser over the model's parameters.
+        batches: an iterable of device-ready ``(images, labels)``.
+        options: scheduler, AMP, resumption, seeding and progress (:class:`EpochOptions`).
+
+    Returns:
+        The epoch's metrics: ``train/<loss component>``, ``train/acc1/<classifier>``, images/s, seconds and
+        the first step's seconds.
+
+    With ``options.seed``, the process RNGs are reseeded before every step, so an epoch resumed at
+    ``start_step`` continues exactly. The first step this call runs is timed apart (``train/first_step_s``:
+    compilation and cuDNN autotuning land there) and left out of images/s. Raises :class:`NonFiniteLoss` on
+    every rank when any rank's loss is NaN or infinite.
     """
+    o = options or EpochOptions()
+    scheduler, scaler, amp, steps, epoch, start_step = o.scheduler, o.scaler, o.amp, o.steps, o.epoch, o.start_step
+    seed, rank, on_step, log_every, print_every = o.seed, o.rank, o.on_step, o.finite_check_every, o.print_every
     total = len(batches) + start_step if steps is None else steps
     device = loss_fn.weights.device
     net.train()
     names = loss_fn.names
-    state = progress_state or EpochProgress(names, loss_fn.classifiers, device)
+    state = o.resumed or EpochProgress(names, loss_fn.classifiers, device)
     sums, acc = state.sums, state.acc
     finite: list[torch.Tensor] = []
     first = True
     start = time.perf_counter()
-    bar = progress_report(total, f"epoch {epoch + 1}/{epochs}", initial=start_step, enabled=progress,
+    bar = progress_report(total, f"epoch {epoch + 1}/{o.epochs}", initial=start_step, enabled=o.show_progress,
                           every=print_every)
     for step, (x, y) in enumerate(itertools.islice(batches, total - start_step), start=start_step):
         if seed is not None:
@@ -218,7 +252,7 @@ def evaluate(model: nn.Module, batches: Iterable, classifiers: list[str], *, amp
     for t in (acc.hits, acc.seen, loss_sum):
         distributed.all_reduce_sum(t)
     record = acc.result("test")
-    record["test/loss/main"] = round(loss_sum.item() / max(acc.seen.item(), 1.0), 6)
+    record[loss_key("test", MAIN)] = round(loss_sum.item() / max(acc.seen.item(), 1.0), 6)
     return record
 
 

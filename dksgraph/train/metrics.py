@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from dksgraph.checkpoint import atomic_write
-from dksgraph.spec import ENSEMBLE
+from dksgraph.loss import ensemble_probabilities
+from dksgraph.names import ENSEMBLE, RunFile, acc1, acc5
+
+__all__ = ["SUMMARY_HEADERS", "AccuracyCounter", "RunLog", "read_history", "summary_rows"]
 
 class AccuracyCounter:
     """Top-1 / top-5 hits of each classifier and of the ensemble (mean of the classifiers' softmax)."""
@@ -30,7 +33,7 @@ class AccuracyCounter:
     def update(self, logits: dict[str, Tensor], target: Tensor) -> None:
         z = torch.stack([logits[c] for c in self.classifiers]).float()  # K x N x C
         if len(self.classifiers) > 1:
-            z = torch.cat([z, z.softmax(-1).mean(0, keepdim=True)])
+            z = torch.cat([z, ensemble_probabilities(list(z)).unsqueeze(0)])
         k = min(5, z.shape[-1])
         hit = z.topk(k, dim=-1).indices == target.view(1, -1, 1)
         self.hits[0] += hit[..., 0].sum(1)
@@ -42,9 +45,9 @@ class AccuracyCounter:
         acc = (100.0 * self.hits / self.seen.clamp(min=1)).tolist()
         out = {}
         for i, name in enumerate(self.names):
-            out[f"{prefix}/acc1/{name}"] = round(acc[0][i], 4)
+            out[acc1(prefix, name)] = round(acc[0][i], 4)
             if prefix != "train":
-                out[f"{prefix}/acc5/{name}"] = round(acc[1][i], 4)
+                out[acc5(prefix, name)] = round(acc[1][i], 4)
         return out
 
 
@@ -56,7 +59,7 @@ class RunLog:
         self.history = list(history)
         # a resumed run continues from its checkpoint's history, whatever the files said after it
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        atomic_write(folder / "metrics.jsonl", lambda f: f.write(lines.encode()))
+        atomic_write(folder / RunFile.METRICS, lambda f: f.write(lines.encode()))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,14 +70,14 @@ class RunLog:
 
     def append(self, record: dict) -> None:
         self.history.append(record)
-        with open(self.folder / "metrics.jsonl", "a") as f:
+        with open(self.folder / RunFile.METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         columns = list(dict.fromkeys(k for r in self.history for k in r))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.history)
-        atomic_write(self.folder / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+        atomic_write(self.folder / RunFile.METRICS_CSV, lambda f: f.write(text.getvalue().encode()))
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -88,7 +91,7 @@ class RunLog:
 
 def read_history(folder: Path) -> list[dict]:
     """The per-epoch records in a run folder's metrics.jsonl (none when it has no such file)."""
-    path = folder / "metrics.jsonl"
+    path = folder / RunFile.METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -99,7 +102,7 @@ def summary_rows(history: list[dict], names: list[str]) -> list[list[object]]:
     rows = []
     last = history[-1]
     for name in names:
-        key = f"test/acc1/{name}"
+        key = acc1("test", name)
         if key not in last:
             continue
         best = max(history, key=lambda r: r.get(key, -1))

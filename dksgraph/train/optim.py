@@ -23,6 +23,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dksgraph.errors import DksError
 
+__all__ = ["RecipeLR", "build"]
+
 
 class RecipeLR(LRScheduler):
     """The recipe's learning rate at every optimiser step: linear warm-up times the decay.

@@ -27,6 +27,8 @@ from typing import IO
 
 from tqdm import tqdm
 
+__all__ = ["PRINT_EVERY", "LineProgress", "on_terminal", "progress"]
+
 PRINT_EVERY = 50  # steps between two lines off a terminal (`dksgraph train --print-every`)
 
 

@@ -17,6 +17,8 @@ from typing import Literal, get_args
 
 from dksgraph.train.progress import PRINT_EVERY
 
+__all__ = ["AMP_MODES", "DEVICES", "RunConfig"]
+
 AmpMode = Literal["none", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 DEVICES = ("auto", "cpu", "cuda")

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from dksgraph.errors import DksError
+from dksgraph.names import RunFile
 
-LOCK = "run.lock"
+__all__ = ["RunLock"]
+
 
 
 class RunLock:
@@ -29,7 +31,7 @@ class RunLock:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK
+        self.path = self.folder / RunFile.LOCK
         self.held = False
         self.taken_over: dict | None = None
 

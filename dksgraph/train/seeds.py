@@ -25,6 +25,8 @@ import random
 import numpy as np
 import torch
 
+__all__ = ["derive", "epoch_order", "rng_state", "seed_process", "set_rng_state"]
+
 # distinct streams drawn from one (seed, epoch): the data order, the process RNGs, on-device augmentation
 DATA, PROCESS, DEVICE_AUGMENT = 0, 1, 2
 

@@ -31,16 +31,18 @@ from dksgraph.augmented import augment
 from dksgraph.checkpoint import link_file, save_checkpoint
 from dksgraph.errors import DksError, RunAborted
 from dksgraph.loss import SynergyLoss
-from dksgraph.spec import ENSEMBLE, Spec
-from dksgraph.train import distributed
-from dksgraph.train import optim as optim_lib
-from dksgraph.train.engine import (EpochProgress, NonFiniteLoss, batches_for, check_amp, configure_backends, evaluate,
-                                   resolve_device, run_spec, train_one_epoch)
+from dksgraph.names import ENSEMBLE, MAIN, Key, RunFile, acc1
+from dksgraph.spec import Spec
+from dksgraph.train import distributed, optim as optim_lib
+from dksgraph.train.engine import (EpochOptions, EpochProgress, NonFiniteLoss, batches_for, check_amp,
+                                   configure_backends, evaluate, resolve_device, run_spec, train_one_epoch)
 from dksgraph.train.metrics import RunLog
 from dksgraph.train.runconfig import RunConfig
 from dksgraph.train.seeds import rng_state, set_rng_state
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv")
+__all__ = ["EXIT_CODES", "RUN_FILES", "Preempted", "Trainer", "prepare_run_folder"]
+
+RUN_FILES = (RunFile.LAST, RunFile.BEST, RunFile.METRICS, RunFile.METRICS_CSV)
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -118,28 +120,29 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch = int(ckpt["epoch"])
-        self.step = int(ckpt.get("step") or 0)
+        self.model.load_state_dict(ckpt[Key.MODEL], strict=True)
+        self.optimizer.load_state_dict(ckpt[Key.OPTIMIZER])
+        if self.scaler is not None and ckpt.get(Key.SCALER):
+            self.scaler.load_state_dict(ckpt[Key.SCALER])
+        self.epoch = int(ckpt[Key.EPOCH])
+        self.step = int(ckpt.get(Key.STEP) or 0)
         if self.step >= self.steps:
             raise DksError(f"the checkpoint stopped after step {self.step} of epoch {self.epoch + 1}, but this run "
                            f"has {self.steps} steps per epoch (a smaller `--limit-train-batches`?); resume it with "
                            "the limit it was trained with.")
-        self.resumed_progress = ckpt.get("progress") if self.step else None
-        self.best = float(ckpt.get("best", -1.0))
-        self.history = list(ckpt.get("history", []))
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"], self.device)
+        self.resumed_progress = ckpt.get(Key.PROGRESS) if self.step else None
+        self.best = float(ckpt.get(Key.BEST, -1.0))
+        self.history = list(ckpt.get(Key.HISTORY, []))
+        if ckpt.get(Key.RNG):
+            set_rng_state(ckpt[Key.RNG], self.device)
 
     def _payload(self, record: dict, step: int = 0, progress: dict | None = None) -> dict:
         return {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch, "step": step, "progress": progress, "best": self.best, "rng": rng_state(self.device),
-            "metrics": record, "history": self.history, "config": asdict(self.config), "method": self.recipe.method,
+            Key.OPTIMIZER: self.optimizer.state_dict(), Key.SCHEDULER: self.scheduler.state_dict(),
+            Key.SCALER: self.scaler.state_dict() if self.scaler is not None else None,
+            Key.EPOCH: self.epoch, Key.STEP: step, Key.PROGRESS: progress, Key.BEST: self.best,
+            Key.RNG: rng_state(self.device), Key.METRICS: record, Key.HISTORY: self.history,
+            Key.CONFIG: asdict(self.config), Key.METHOD: self.recipe.method,
         }
 
     def _save(self, record: dict, step: int = 0, progress: dict | None = None, best: bool = False) -> None:
@@ -147,9 +150,9 @@ class Trainer:
         failure = None
         if self.world.is_main:
             try:
-                save_checkpoint(self.out / "last.pt", self.spec, self.model, **self._payload(record, step, progress))
+                save_checkpoint(self.out / RunFile.LAST, self.spec, self.model, **self._payload(record, step, progress))
                 if best:
-                    link_file(self.out / "last.pt", self.out / "best.pt")
+                    link_file(self.out / RunFile.LAST, self.out / RunFile.BEST)
             except DksError as exc:
                 failure = exc
         if distributed.any_rank(failure is not None, self.device):
@@ -184,7 +187,7 @@ class Trainer:
             self._check_weights(epoch, done)
             self._save(self.history[-1] if self.history else {}, done, progress.global_state())
         if stop:
-            raise Preempted(self.stop_signal or signal.SIGTERM, epoch, done, self.out / "last.pt")
+            raise Preempted(self.stop_signal or signal.SIGTERM, epoch, done, self.out / RunFile.LAST)
 
     def _check_weights(self, epoch: int, step: int) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
@@ -211,7 +214,7 @@ class Trainer:
                 record = self._epoch(self.epoch, self.step)
                 self.step = 0
                 self.epoch += 1
-                score = record.get("test/acc1/main")  # None on an epoch that was not scored (--eval-every)
+                score = record.get(acc1("test", MAIN))  # None on an epoch that was not scored (--eval-every)
                 improved = score is not None and score > self.best
                 self.best = max(self.best, score) if score is not None else self.best
                 self.history.append(record)
@@ -225,7 +228,7 @@ class Trainer:
                 first = False
                 distributed.barrier()
                 if distributed.any_rank(self.stop_signal is not None, self.device) and self.epoch < self.recipe.epochs:
-                    raise Preempted(self.stop_signal or signal.SIGTERM, self.epoch, 0, self.out / "last.pt")
+                    raise Preempted(self.stop_signal or signal.SIGTERM, self.epoch, 0, self.out / RunFile.LAST)
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
@@ -242,14 +245,14 @@ class Trainer:
         record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         skipped = getattr(self.train_batches, "skipped", 0)
         try:
-            record.update(train_one_epoch(
-                self.train_net, self.loss_fn, self.optimizer, self.train_batches, scheduler=self.scheduler,
-                scaler=self.scaler, amp=self.config.amp, steps=self.steps, epoch=epoch, epochs=self.recipe.epochs,
-                start_step=start, progress_state=progress, seed=self.recipe.seed, rank=self.world.rank,
-                on_step=lambda e, s: self._after_step(e, s, progress), log_every=self.config.log_every,
-                progress=self.world.is_main, print_every=self.config.print_every))
+            record.update(train_one_epoch(self.train_net, self.loss_fn, self.optimizer, self.train_batches, EpochOptions(
+                scheduler=self.scheduler, scaler=self.scaler, amp=self.config.amp, steps=self.steps, epoch=epoch,
+                epochs=self.recipe.epochs, start_step=start, resumed=progress, seed=self.recipe.seed,
+                rank=self.world.rank, on_step=lambda e, s: self._after_step(e, s, progress),
+                finite_check_every=self.config.log_every, show_progress=self.world.is_main,
+                print_every=self.config.print_every)))
         except NonFiniteLoss as exc:
-            last = self.out / "last.pt"
+            last = self.out / RunFile.LAST
             raise NonFiniteLoss(f"{exc}{f' The last good checkpoint `{last}` is intact.' if last.exists() else ''}") from None
         if self.config.skip_bad_images:
             record["train/skipped_images"] = getattr(self.train_batches, "skipped", 0) - skipped
@@ -264,10 +267,10 @@ class Trainer:
 
 
 def _epoch_line(record: dict, classifiers: list[str]) -> str:
-    accs = " ".join(f"{c}={record[f'test/acc1/{c}']:.2f}" for c in [*classifiers, ENSEMBLE]
-                    if f"test/acc1/{c}" in record)
+    accs = " ".join(f"{c}={record[acc1('test', c)]:.2f}" for c in [*classifiers, ENSEMBLE]
+                    if acc1("test", c) in record)
     skipped = f", {record['train/skipped_images']} unreadable images skipped" if record.get("train/skipped_images") else ""
-    return (f"epoch {record['epoch']}: loss {record['train/total']:.4f}, train acc {record['train/acc1/main']:.2f}%, "
+    return (f"epoch {record['epoch']}: loss {record['train/total']:.4f}, train acc {record[acc1('train', MAIN)]:.2f}%, "
             f"{f'test top-1 {accs}, ' if accs else ''}{record['train/images_per_s']:.0f} img/s{skipped}")
 
 

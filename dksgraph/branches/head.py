@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from dksgraph.errors import GraphError
-from dksgraph.graph import Traced
-from dksgraph.tracing import attribute_at, in_mode
+from dksgraph.fx.graph import Traced
+from dksgraph.fx.tracing import EVAL, attribute_at, in_mode
+
+__all__ = ["build_head", "fresh_copy"]
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -31,7 +33,7 @@ def fresh_copy(module: nn.Module) -> nn.Module:
 
 def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
     """A fresh copy of the backbone's head (everything after the final feature map), resized to ``in_shape``."""
-    graph = traced.graphs[False]
+    graph = traced.graphs[EVAL]
     head = set(traced.head)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -69,7 +71,7 @@ class _Resizer(fx.Interpreter):
         module = _resized(self.module.get_submodule(target), args[0], target)
         owner, _, name = target.rpartition(".")
         setattr(self.module.get_submodule(owner) if owner else self.module, name, module)
-        with torch.no_grad(), in_mode(False, module):
+        with torch.no_grad(), in_mode(EVAL, module):
             return module(*args, **kwargs)
 
     def run_node(self, n: fx.Node):

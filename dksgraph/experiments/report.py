@@ -18,8 +18,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dksgraph.grid import Run
+from dksgraph.experiments.grid import Run
+from dksgraph.names import MAIN, RunFile, acc1
 from dksgraph.train.metrics import read_history
+
+__all__ = ["METHOD_NAMES", "Result", "arm_name", "classifier_table", "curves", "error_table", "gap_table",
+           "load_results", "markdown", "mean_std", "paired_table", "plot_curves", "run_table", "time_table"]
 
 METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dks": "DKS"}
 
@@ -52,11 +56,11 @@ class Result:
         return f"{self.final['images']} test images" if "images" in self.final else "the per-epoch test subset"
 
     def acc(self, classifier: str) -> float | None:
-        return self.final.get(f"test/acc1/{classifier}")
+        return self.final.get(acc1("test", classifier))
 
     @property
     def classifiers(self) -> list[str]:
-        return [k.split("/")[-1] for k in self.final if k.startswith("test/acc1/")]
+        return [k.split("/")[-1] for k in self.final if k.startswith(acc1("test", ""))]
 
     @property
     def train_seconds(self) -> float:
@@ -70,7 +74,7 @@ class Result:
     @property
     def train_acc(self) -> float:
         """The last epoch's training accuracy of the main classifier, on its augmented batches."""
-        return self.history[-1]["train/acc1/main"]
+        return self.history[-1][acc1("train", MAIN)]
 
     @property
     def error(self) -> float:
@@ -84,7 +88,7 @@ def load_results(runs: list[Run]) -> list[Result]:
         history = read_history(run.folder)
         if not history or history[-1]["epoch"] < run.epochs:
             continue
-        final_path = run.folder / "final.json"
+        final_path = run.folder / RunFile.FINAL
         final = json.loads(final_path.read_text()) if final_path.is_file() else history[-1]
         results.append(Result(run, history, final))
     return results
@@ -208,9 +212,9 @@ def curves(results: list[Result]) -> dict[tuple[str, str], dict[str, dict[str, l
         out[key] = {}
         for arm, group in by_arm.items():
             epochs = min(len(r.history) for r in group)
-            train = [statistics.fmean(100 - r.history[e]["train/acc1/main"] for r in group) for e in range(epochs)]
-            scored = [e for e in range(epochs) if all("test/acc1/main" in r.history[e] for r in group)]
-            test = [statistics.fmean(100 - r.history[e]["test/acc1/main"] for r in group) for e in scored]
+            train = [statistics.fmean(100 - r.history[e][acc1("train", MAIN)] for r in group) for e in range(epochs)]
+            scored = [e for e in range(epochs) if all(acc1("test", MAIN) in r.history[e] for r in group)]
+            test = [statistics.fmean(100 - r.history[e][acc1("test", MAIN)] for r in group) for e in scored]
             out[key][arm] = {"epoch": list(range(1, epochs + 1)), "train": train,
                              "test_epoch": [e + 1 for e in scored], "test": test}
     return out

@@ -2,7 +2,7 @@
 
 The tracer names nodes like ``torchvision.models.feature_extraction.get_graph_node_names``: a
 module call is named by its path (``layer1.0.conv1``), any other op by its enclosing module's path
-plus the op (``layer1.0.add``), with ``_1``, ``_2``... for repeats. :mod:`dksgraph.graph` builds
+plus the op (``layer1.0.add``), with ``_1``, ``_2``... for repeats. :mod:`dksgraph.fx.graph` builds
 its topology analysis on these.
 
 When timm is loaded, the modules and functions timm registers as not traceable
@@ -24,6 +24,17 @@ import torch
 from torch import fx, nn
 
 from dksgraph.errors import GraphError, first_line
+
+__all__ = ["CONSTANTS", "EVAL", "MODES", "TRAIN", "attribute_at", "check_resolution", "copy_view", "graph_module",
+           "in_mode", "mode_of", "move_constants", "propagate_shapes", "stride_of", "trace_graph", "view_program"]
+
+EVAL, TRAIN = False, True  # the keys of a Traced's graphs and of every program built from them: module.training
+MODES = (EVAL, TRAIN)
+
+
+def mode_of(module: nn.Module) -> bool:
+    """The key of the graph or program that runs ``module`` in its current mode (EVAL or TRAIN)."""
+    return TRAIN if module.training else EVAL
 
 
 class _PathTracer(fx.Tracer):
@@ -216,7 +227,7 @@ def propagate_shapes(model, graph, qual, input_size) -> dict[str, tuple[int, ...
     x = torch.zeros((1, *input_size), dtype=param.dtype if param is not None else torch.float32,
                     device=param.device if param is not None else "cpu")
     try:
-        with torch.inference_mode(), in_mode(False, model):
+        with torch.inference_mode(), in_mode(EVAL, model):
             recorder.run(x)
     except Exception as exc:
         node = recorder.failed

@@ -9,6 +9,7 @@ runs at batch 1 and batch 32 with the thread count stated.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from pathlib import Path
@@ -16,10 +17,14 @@ from pathlib import Path
 import torch
 
 from dksgraph.augmented import AugmentedModel
-from dksgraph.classifiers import classifier
+from dksgraph.checkpoint import atomic_write
+from dksgraph.deploy.classifiers import classifier
+from dksgraph.errors import DksError
 from dksgraph.formatting import format_table
-from dksgraph.spec import ENSEMBLE, MAIN
+from dksgraph.names import ENSEMBLE, MAIN
 from dksgraph.summary import count_parameters, flops
+
+__all__ = ["HEADERS", "classifier_costs", "latency_ms", "markdown", "plot"]
 
 HEADERS = ["classifier", "params (M)", "MFLOPs / image", "CPU ms, batch 1", "CPU ms, batch 32", "top-1 %"]
 
@@ -68,8 +73,6 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from dksgraph.errors import DksError
-
         raise DksError("the plot needs matplotlib: `pip install 'dksgraph[plots]'` (the table is printed "
                        "without it).") from None
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -82,10 +85,6 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
-    from dksgraph.checkpoint import atomic_write
-
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.suffix.lstrip(".") or "png")

@@ -1,8 +1,9 @@
 """Deployment file formats: write a classifier, read the file back, verify it, and only then keep it.
 
 * ``state_dict``: ``torch.save(module.state_dict())`` plus a JSON sidecar (``FILE.json``: the model,
-  its kwargs, input size, number of classes, the classifier) from which :func:`load_exported`
-  rebuilds the module in one line; ``main``'s state_dict loads into the model's own class too.
+  its kwargs, input size, number of classes, the classifier) from which
+  :func:`dksgraph.deploy.exports.load_exported` rebuilds the module in one line; ``main``'s state_dict
+  loads into the model's own class too.
 * ``exported``: a ``torch.export`` program with a dynamic batch size (``torch.export.save``);
   ``torch.export.load(path).module()`` runs it with no dksgraph import.
 * ``onnx``: ONNX with a dynamic batch size (PyTorch's dynamo exporter; the ``export`` extra).
@@ -12,6 +13,8 @@ Every file is written under a temporary name in its folder, read back and checke
 classifier's output on two probe batches (sizes 2 and 3): ``torch.equal`` for state_dict, exported
 and TorchScript; onnxruntime's output within :data:`ONNX_TOLERANCE` x max(1, max |logit|). A file
 that fails is removed, and nothing is written under the final name.
+
+This module is file I/O only: rebuilding a state_dict's module is the caller's ``rebuild(sidecar)``.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ import contextlib
 import io
 import json
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+import torch
+from torch import nn
+
+from dksgraph.checkpoint import atomic_write, read_tensors
 from dksgraph.errors import CheckpointError, DksError, first_line
+from dksgraph.names import EXPORT_FORMATS as FORMATS, EXPORT_SUFFIXES as SUFFIXES
 
-if TYPE_CHECKING:  # PyTorch is imported where it is used: the command line reads the names above without it
-    import torch
-    from torch import nn
+__all__ = ["Check", "ONNX_TOLERANCE", "Rebuild", "SIDECAR", "identical", "load", "write"]
 
-SUFFIXES = {"state_dict": ".pt", "exported": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt"}
-FORMATS = tuple(SUFFIXES)
+Rebuild = Callable[[dict], nn.Module]  # a sidecar -> the untrained module whose state_dict the file holds
 SIDECAR = "dksgraph-export/1"
 ONNX_TOLERANCE = 1e-4
 
@@ -52,8 +58,10 @@ class Check:
                 "batches of 2 and 3)")
 
 
-def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tensor], sidecar: dict) -> Check:
-    """Write ``module`` as ``fmt`` to ``path`` if, read back, it reproduces ``module`` on ``probes``.
+def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tensor], sidecar: dict,
+          rebuild: Rebuild) -> Check:
+    """Write ``module`` as ``fmt`` to ``path`` if, read back, it reproduces ``module`` on ``probes``
+    (a state_dict is read back into ``rebuild(sidecar)``).
 
     The file goes through :func:`~dksgraph.checkpoint.atomic_write`: converted first, saved under a
     temporary name, read back and checked there, and only then renamed (a state_dict's sidecar lands
@@ -62,10 +70,6 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
         raise DksError(f"unknown export format `{fmt}`; choose one of {', '.join(FORMATS)}.")
     if fmt == "onnx":
         _need_onnx()
-    import torch
-
-    from dksgraph.checkpoint import atomic_write
-
     module.eval()
     with torch.no_grad():
         wanted = [module(x) for x in probes]
@@ -73,7 +77,7 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
     checks: list[Check] = []
 
     def check(tmp: Path) -> None:
-        checks.append(_check(fmt, _reader(fmt, tmp, sidecar), probes, wanted))
+        checks.append(_check(fmt, _reader(fmt, tmp, sidecar, rebuild), probes, wanted))
         if fmt == "state_dict":
             atomic_write(_sidecar(Path(path)), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
 
@@ -83,8 +87,6 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``torch.equal``, with NaNs at the same positions counted equal (an untrained ResNet-1202 overflows)."""
-    import torch
-
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
@@ -115,14 +117,10 @@ def _check(fmt: str, run: Callable[[torch.Tensor], torch.Tensor], probes, wanted
 # ------------------------------------------------------------------------------------------ writers and readers
 
 def _batch_dim():
-    import torch
-
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
 def _convert_exported(module: nn.Module, x: torch.Tensor):
-    import torch
-
     try:
         return torch.export.export(module, (x,), dynamic_shapes=({0: _batch_dim()},))
     except Exception as exc:
@@ -131,8 +129,6 @@ def _convert_exported(module: nn.Module, x: torch.Tensor):
 
 
 def _convert_onnx(module: nn.Module, x: torch.Tensor):
-    import torch
-
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -144,8 +140,6 @@ def _convert_onnx(module: nn.Module, x: torch.Tensor):
 
 
 def _convert_torchscript(module: nn.Module, x: torch.Tensor):
-    import torch
-
     try:  # torch.jit is deprecated upstream but still the portable format of older runtimes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -159,8 +153,6 @@ def _convert_torchscript(module: nn.Module, x: torch.Tensor):
 
 
 def _save_torch(program, f) -> None:  # a state_dict
-    import torch
-
     torch.save(program, f)
 
 
@@ -174,8 +166,6 @@ def _through_memory(save: Callable[[BinaryIO], None], f: BinaryIO) -> None:
 
 
 def _save_exported(program, f) -> None:
-    import torch
-
     _through_memory(lambda buffer: torch.export.save(program, buffer), f)
 
 
@@ -186,8 +176,6 @@ def _save_onnx(program, f) -> None:
 
 
 def _save_torchscript(program, f) -> None:
-    import torch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(program, f)
@@ -200,9 +188,7 @@ _SAVERS = {"state_dict": _save_torch, "exported": _save_exported, "onnx": _save_
            "torchscript": _save_torchscript}
 
 
-def _reader(fmt: str, path: Path, sidecar: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch
-
+def _reader(fmt: str, path: Path, sidecar: dict, rebuild: Rebuild) -> Callable[[torch.Tensor], torch.Tensor]:
     if fmt == "onnx":
         import onnxruntime
 
@@ -216,12 +202,10 @@ def _reader(fmt: str, path: Path, sidecar: dict) -> Callable[[torch.Tensor], tor
         return _no_grad(program)
     if fmt == "exported":
         return _no_grad(torch.export.load(str(path)).module())
-    return _no_grad(_from_state_dict(path, json.loads(json.dumps(sidecar))))  # the sidecar as it reads back
+    return _no_grad(_from_state_dict(path, json.loads(json.dumps(sidecar)), rebuild))  # the sidecar as it reads back
 
 
 def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch
-
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return module(x)
@@ -239,13 +223,8 @@ def _need_onnx() -> None:
                        "with `pip install 'dksgraph[export]'`, or use `--format exported`.") from None
 
 
-def load_exported(path: str | Path) -> nn.Module:
-    """Rebuild an exported classifier in one line: a ``.pt2`` program, or a state_dict with its JSON sidecar.
-
-    >>> model = load_exported("resnet32.main.pt")          # doctest: +SKIP
-    """
-    import torch
-
+def load(path: str | Path, rebuild: Rebuild) -> nn.Module:
+    """The module in an export file: a ``.pt2`` program, or a state_dict loaded into ``rebuild(sidecar)``."""
     path = Path(path)
     sidecar = _sidecar(path)
     if path.suffix == ".pt2" or not sidecar.is_file() and _is_archive(path):
@@ -263,36 +242,19 @@ def load_exported(path: str | Path) -> nn.Module:
         assert info.get("format") == SIDECAR
     except (json.JSONDecodeError, AssertionError):
         raise CheckpointError(f"`{sidecar}` is not a dksgraph export sidecar ({SIDECAR}); it is damaged.") from None
-    return _from_state_dict(path, info)
+    return _from_state_dict(path, info, rebuild)
 
 
-def _from_state_dict(path: Path, info: dict) -> nn.Module:
+def _from_state_dict(path: Path, info: dict, rebuild: Rebuild) -> nn.Module:
     """The module a sidecar describes, holding the state_dict at ``path``, in eval mode."""
-    from dksgraph.checkpoint import read_tensors
-
     module = rebuild(info)
     module.load_state_dict(read_tensors(path, "exported state_dict"), strict=True)
     return module.eval()
 
 
 def _is_archive(path: Path) -> bool:
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("archive_format") for name in archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
-
-
-def rebuild(info: dict) -> nn.Module:
-    """The (untrained) module a sidecar describes."""
-    from dksgraph.augmented import augment
-    from dksgraph.classifiers import classifier
-    from dksgraph.models import build_backbone
-    from dksgraph.spec import MAIN, parse_spec
-
-    spec = parse_spec(info["spec"], source="the export's sidecar")
-    if info["classifier"] == MAIN:
-        return build_backbone(spec.backbone, pretrained=False)
-    return classifier(augment(spec, pretrained=False), info["classifier"], info.get("members"))

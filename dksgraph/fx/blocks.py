@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from dksgraph.tracing import stride_of
+from dksgraph.fx.tracing import stride_of
+
+__all__ = ["Block", "GraphFacts", "Stage", "find_blocks", "inside_any", "module_spans", "stages_of"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -34,8 +36,8 @@ class Block:
     src: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    d_in: int
-    d: int
+    downsamplings_in: int
+    downsamplings: int
 
     @property
     def type_name(self) -> str:
@@ -46,7 +48,7 @@ class Block:
 class Stage:
     """The run of blocks at downsampling count ``d``; ``downsamples`` when its first block strides."""
 
-    d: int
+    downsamplings: int
     blocks: tuple[Block, ...]
 
     @property
@@ -55,7 +57,7 @@ class Stage:
 
     @property
     def downsamples(self) -> bool:
-        return self.blocks[0].d_in == self.d - 1
+        return self.blocks[0].downsamplings_in == self.downsamplings - 1
 
     @property
     def name(self) -> str:
@@ -73,7 +75,7 @@ class GraphFacts:
     order: list[str]
     index: dict[str, int]
     shapes: dict[str, tuple[int, ...]]
-    d: dict[str, int]
+    downsamplings: dict[str, int]
     cut_points: list[str]
     calls: dict[str, list[str]]  # leaf module path -> its call nodes, in order
     flattened: set[str]  # nodes whose every user flattens them
@@ -125,7 +127,7 @@ def find_blocks(model: nn.Module, facts: GraphFacts) -> list[Block]:
     taken = {b.node for b in blocks}
     # the network's own downsampling children are blocks too, wherever they sit: DenseNet's transitions and
     # PNASNet's reduction cells between stage containers, DLA's levels after the last one
-    extra = [b for b in as_root if "." not in b.path and b.d > b.d_in and b.node not in taken
+    extra = [b for b in as_root if "." not in b.path and b.downsamplings > b.downsamplings_in and b.node not in taken
              and not inside_any(b.node, blocks)
              and b.out_shape[1:] != (1, 1)]  # SqueezeNet's classifier ends in a global pool
     return sorted(blocks + extra, key=lambda b: facts.index[b.node])
@@ -157,11 +159,11 @@ def _find(model: nn.Module, facts: GraphFacts, first: dict[str, int], end: dict[
             if composite:
                 ok = container and not _is_container(m)
             else:
-                ok = _is_flat_stack(parent) or (container and facts.d[node] > facts.d[src])
+                ok = _is_flat_stack(parent) or (container and facts.downsamplings[node] > facts.downsamplings[src])
             if ok:
                 found = True
-                blocks.append(Block(path, m, node, src, facts.shapes[src], facts.shapes[node], facts.d[src],
-                                    facts.d[node]))
+                blocks.append(Block(path, m, node, src, facts.shapes[src], facts.shapes[node], facts.downsamplings[src],
+                                    facts.downsamplings[node]))
         if found:
             inside.append(path)
     blocks.sort(key=lambda b: facts.index[b.node])
@@ -200,12 +202,12 @@ def stages_of(blocks: list[Block]) -> list[Stage]:
     stages: list[Stage] = []
     run: list[Block] = []
     for b in blocks:
-        if run and b.d != run[-1].d:
-            stages.append(Stage(run[-1].d, tuple(run)))
+        if run and b.downsamplings != run[-1].downsamplings:
+            stages.append(Stage(run[-1].downsamplings, tuple(run)))
             run = []
         run.append(b)
     if run:
-        stages.append(Stage(run[-1].d, tuple(run)))
+        stages.append(Stage(run[-1].downsamplings, tuple(run)))
     return stages
 
 

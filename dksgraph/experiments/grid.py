@@ -30,14 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
-from pydantic import model_validator
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
 from dksgraph.errors import DksError, SpecError
+from dksgraph.names import RunFile
 from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method, PairSet, Schedule, _Strict,
                            apply_overrides, describe_errors, parse_spec, read_yaml)
-from dksgraph.train.runconfig import AmpMode
 from dksgraph.train.metrics import read_history
+from dksgraph.train.runconfig import AmpMode
+
+__all__ = ["RECORD_FILES", "EqualCompute", "Grid", "GridTrain", "Run", "Variant", "adopt_records", "commands",
+           "derive_spec", "execute", "load_grid", "plan", "prepare", "save_record", "status", "with_budget"]
 
 
 
@@ -161,7 +165,7 @@ class Run:
         return {"spec": self.spec, "method": self.method, "seed": self.seed, "args": self.args}
 
 
-RECORD_FILES = ("run.json", "spec.yaml", "metrics.jsonl", "final.json")  # a finished run, without its checkpoints
+RECORD_FILES = (RunFile.RUN, RunFile.SPEC, RunFile.METRICS, RunFile.FINAL)  # a finished run, without its checkpoints
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -247,15 +251,15 @@ def _runtime_args(train: GridTrain) -> list[str]:
 def status(run: Run) -> str:
     """``done`` (trained and scored: a run folder, or its record), ``eval`` (trained), ``resume`` (has a
     last.pt) or ``new``."""
-    saved = run.folder / "run.json"
+    saved = run.folder / RunFile.RUN
     if saved.is_file() and json.loads(saved.read_text()) != run.settings():
         raise DksError(f"`{run.folder}` holds a run with other settings than the grid now asks for (spec, method, "
                        "seed or budget changed). Delete that folder to rerun it, or pass another `--runs-dir`.")
     history = read_history(run.folder) if saved.is_file() else []
     trained = bool(history) and int(history[-1]["epoch"]) >= run.epochs
-    if trained and (run.folder / "final.json").is_file():
+    if trained and (run.folder / RunFile.FINAL).is_file():
         return "done"
-    if not (run.folder / "last.pt").is_file():
+    if not (run.folder / RunFile.LAST).is_file():
         return "new"
     return "eval" if trained else "resume"
 
@@ -280,7 +284,7 @@ def adopt_records(runs: list[Run], record_dirs: list[Path]) -> int:
         if status(run) == "done":
             continue
         for folder in (Path(d) / run.id for d in record_dirs):
-            saved = folder / "run.json"
+            saved = folder / RunFile.RUN
             if not saved.is_file() or json.loads(saved.read_text()) != run.settings():
                 continue
             original, run.folder = run.folder, folder
@@ -294,8 +298,8 @@ def adopt_records(runs: list[Run], record_dirs: list[Path]) -> int:
 def prepare(run: Run) -> None:
     """Write a new run's folder: its derived ``spec.yaml`` and the ``run.json`` that :func:`status` checks."""
     run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / "spec.yaml").write_text(yaml.safe_dump(run.spec, sort_keys=False))
-    (run.folder / "run.json").write_text(json.dumps(run.settings(), indent=1) + "\n")
+    (run.folder / RunFile.SPEC).write_text(yaml.safe_dump(run.spec, sort_keys=False))
+    (run.folder / RunFile.RUN).write_text(json.dumps(run.settings(), indent=1) + "\n")
 
 
 def commands(run: Run, state: str, device: str) -> list[list[str]]:
@@ -303,12 +307,12 @@ def commands(run: Run, state: str, device: str) -> list[list[str]]:
     dks = [sys.executable, "-m", "dksgraph"]
     out: list[list[str]] = []
     if state == "new":
-        out.append([*dks, "train", str(run.folder / "spec.yaml"), *run.args, "--device", device,
+        out.append([*dks, "train", str(run.folder / RunFile.SPEC), *run.args, "--device", device,
                     "--out", str(run.folder), "--overwrite"])
     elif state == "resume":
-        out.append([*dks, "train", "--resume", str(run.folder / "last.pt"), *run.args, "--device", device])
+        out.append([*dks, "train", "--resume", str(run.folder / RunFile.LAST), *run.args, "--device", device])
     if state != "done":
-        out.append([*dks, "eval", str(run.folder / "last.pt"), "--json", str(run.folder / "final.json"),
+        out.append([*dks, "eval", str(run.folder / RunFile.LAST), "--json", str(run.folder / RunFile.FINAL),
                     "--device", device])
     return out
 
@@ -347,7 +351,7 @@ def execute(todo: list[tuple[Run, str]], gpus: list[int] | None = None, jobs: in
             if on_event:
                 on_event(run, "start", f"{state} on {'cuda:' + str(slot) if gpus else 'cpu'}")
             for cmd in commands(run, state, "cuda" if gpus else "cpu"):
-                with open(run.folder / "train.log", "a") as log:
+                with open(run.folder / RunFile.LOG, "a") as log:
                     log.write(f"$ {' '.join(cmd)}\n")
                     log.flush()
                     with lock:
@@ -361,7 +365,7 @@ def execute(todo: list[tuple[Run, str]], gpus: list[int] | None = None, jobs: in
                 if stop.is_set():
                     return
                 if code != 0:
-                    tail = (run.folder / "train.log").read_text().splitlines()[-8:]
+                    tail = (run.folder / RunFile.LOG).read_text().splitlines()[-8:]
                     with lock:
                         failures[run.id] = "\n".join(tail)
                     if on_event:

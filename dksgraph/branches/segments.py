@@ -13,7 +13,7 @@ output shape) between two downsamplings; width stays the backbone's.
 
 Example::
 
-    >>> from dksgraph.graph import trace
+    >>> from dksgraph.fx.graph import trace
     >>> from dksgraph.models.cifar_resnet import resnet32
     >>> t = trace(resnet32(), (3, 32, 32))
     >>> [u.name for u in segment_units(t, t.resolve("layer2"))]
@@ -28,10 +28,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 
+from dksgraph.branches.head import fresh_copy
 from dksgraph.errors import GraphError
-from dksgraph.graph import Traced
-from dksgraph.head import fresh_copy
-from dksgraph.tracing import CONSTANTS, attribute_at, copy_view, move_constants, view_program
+from dksgraph.fx.graph import Traced
+from dksgraph.fx.tracing import CONSTANTS, attribute_at, copy_view, mode_of, move_constants, view_program
+
+__all__ = ["Piece", "Unit", "build_piece", "build_segment", "segment_units", "spans", "with_depth"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Unit:
     block: bool
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    d: int
+    downsamplings: int
     repeat: int = 1  # 0: dropped by `depth`, n > 1: repeated
 
 
@@ -59,18 +61,18 @@ def segment_units(traced: Traced, node: str) -> list[Unit]:
     for src, dst in zip(bounds, bounds[1:]):
         block = by_span.get((src, dst))
         units.append(Unit(src, dst, block.path if block else traced.alias(dst), block.type_name if block else "ops",
-                          block is not None, traced.shapes[src], traced.shapes[dst], traced.d[dst]))
+                          block is not None, traced.shapes[src], traced.shapes[dst], traced.downsamplings[dst]))
     return units
 
 
 def spans(traced: Traced, node: str, units: list[Unit]) -> list[tuple[int, list[Unit]]]:
     """Units grouped by the downsampling they follow: one group per count d(t)+1 .. d(f) (the ones before the
     first downsampling join the first group), or one group at d(t) when the tap is in the last stage."""
-    d_tap, d_final = traced.d[node], traced.d[traced.final]
+    d_tap, d_final = traced.downsamplings[node], traced.downsamplings[traced.final]
     counts = list(range(d_tap + 1, d_final + 1)) or [d_tap]
     groups: dict[int, list[Unit]] = {k: [] for k in counts}
     for u in units:
-        groups[max(u.d, counts[0])].append(u)
+        groups[max(u.downsamplings, counts[0])].append(u)
     return list(groups.items())
 
 
@@ -116,7 +118,7 @@ class Piece(nn.Module):
         self.__dict__["_programs"] = programs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.__dict__["_programs"][self.training](x)
+        return self.__dict__["_programs"][mode_of(self)](x)
 
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)

@@ -26,10 +26,15 @@ import torch
 from torch import fx, nn
 
 from dksgraph.augmented import AugmentedModel
+from dksgraph.deploy.strip import strip
 from dksgraph.errors import DksError
+from dksgraph.fx.tracing import CONSTANTS, EVAL, graph_module
+from dksgraph.loss import ensemble_probabilities
 from dksgraph.models import main_logits
-from dksgraph.spec import ENSEMBLE, MAIN
-from dksgraph.tracing import CONSTANTS, graph_module
+from dksgraph.names import ENSEMBLE, MAIN
+
+__all__ = ["Ensemble", "TapClassifier", "check_name", "classifier"]
+
 
 class TapClassifier(nn.Module):
     """An auxiliary classifier on its own: ``trunk`` (the backbone up to the tap) then ``branch``."""
@@ -57,12 +62,7 @@ class Ensemble(nn.Module):
         result, *features = self.trunk(x)
         feature = dict(zip(self.taps, features))
         logits = [main_logits(result) if name == MAIN else self.branches[name](feature[name]) for name in self.members]
-        return mean_softmax(logits)
-
-
-def mean_softmax(logits: list[torch.Tensor]) -> torch.Tensor:
-    """The ensemble's output: the mean over classifiers of their softmax (in float32)."""
-    return torch.stack([z.float() for z in logits]).softmax(-1).mean(0)
+        return ensemble_probabilities(logits)
 
 
 def check_name(model: AugmentedModel, name: str, members: list[str] | None = None) -> list[str]:
@@ -89,8 +89,6 @@ def classifier(model: AugmentedModel, name: str, members: list[str] | None = Non
     """Classifier ``name`` of ``model`` (``main``, a tap's label, or ``ensemble`` of ``members``), in eval mode."""
     chosen = check_name(model, name, members)
     if name == MAIN:
-        from dksgraph.deploy import strip
-
         return strip(model).eval()
     plans = [p for p in model.plans if p.label in chosen]
     taps = [p.label for p in plans]
@@ -106,7 +104,7 @@ def classifier(model: AugmentedModel, name: str, members: list[str] | None = Non
 def _cut(model: AugmentedModel, nodes: list[str], ensemble: bool, keep_output: bool) -> fx.GraphModule:
     """The backbone's eval-mode graph keeping only what the tap ``nodes`` (and, with ``keep_output``, the
     backbone's own output) need: the tap's feature, or ``(output or None, *features)`` for an ensemble."""
-    graph = model.traced.graphs[False]
+    graph = model.traced.graphs[EVAL]
     by_name = {n.meta["qualname"]: n for n in graph.nodes}
     output = next(n for n in graph.nodes if n.op == "output")
     needed: set[fx.Node] = set()

@@ -1,6 +1,6 @@
 """Trace a backbone and describe its topology: shapes, downsampling counts, cut points, blocks, stages.
 
-:func:`trace` traces the model twice with :mod:`dksgraph.tracing` (train and eval mode, since FX
+:func:`trace` traces the model twice with :mod:`dksgraph.fx.tracing` (train and eval mode, since FX
 bakes ``self.training`` into the graph; nodes are named like torchvision's
 ``get_graph_node_names``), propagates shapes at the spec's ``input_size`` and finds
 
@@ -13,7 +13,7 @@ Example::
 
     >>> from dksgraph.models.cifar_resnet import resnet32
     >>> t = trace(resnet32(), (3, 32, 32))
-    >>> t.final, t.d[t.final], [s.d for s in t.stages]
+    >>> t.final, t.downsamplings[t.final], [s.downsamplings for s in t.stages]
     ('layer3.4.relu_1', 2, [0, 1, 2])
     >>> t.resolve("layer1")
     'layer1.4.relu_1'
@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import fx, nn
 
-from dksgraph.blocks import Block, GraphFacts, Stage, find_blocks, inside_any, module_spans, stages_of
 from dksgraph.errors import GraphError, close_matches
 from dksgraph.formatting import fmt_shape
-from dksgraph.tracing import check_resolution, propagate_shapes, trace_graph
+from dksgraph.fx.blocks import Block, GraphFacts, Stage, find_blocks, inside_any, module_spans, stages_of
+from dksgraph.fx.tracing import EVAL, MODES, check_resolution, propagate_shapes, trace_graph
+
+__all__ = ["Traced", "trace", "valid_taps"]
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Traced:
     graphs: dict[bool, fx.Graph]
     order: list[str]
     shapes: dict[str, tuple[int, ...]]
-    d: dict[str, int]
+    downsamplings: dict[str, int]
     cut_points: list[str]
     blocks: list[Block]
     stages: list[Stage]
@@ -70,16 +72,17 @@ class Traced:
         between ``node`` and f (the paper's rule, Sec. 3.2); a GraphError saying why when a downsampling is
         not a stage's first block (then only a segment branch can reproduce it)."""
         stages = []
-        for k in range(self.d[node] + 1, self.d[self.final] + 1):
-            stage = self.stage_at(k)
+        for k in range(self.downsamplings[node] + 1, self.downsamplings[self.final] + 1):
+            stage = self.stages_by_count.get(k)
             if stage is None or not stage.downsamples:
                 where = "it happens outside any building block" if stage is None else (
                     f"stage `{stage.name}` does not start with a strided block")
-                later = [self.alias(s.end.node) for s in self.stages if s.d >= k and s.d < self.d[self.final]]
+                final = self.downsamplings[self.final]
+                later = [self.alias(s.end.node) for s in self.stages if k <= s.downsamplings < final]
                 raise GraphError(
-                    f"tap `{at or self.alias(node)}` (downsampling count {self.d[node]}) needs a branch stage that "
-                    f"reproduces downsampling number {k}, but {where}, so no branch can copy it. Tap at or after the "
-                    f"end of the stage at count {k} instead" + (f" (e.g. `{later[0]}`)." if later else ".")
+                    f"tap `{at or self.alias(node)}` (downsampling count {self.downsamplings[node]}) needs a branch "
+                    f"stage that reproduces downsampling number {k}, but {where}, so no branch can copy it. Tap at or "
+                    f"after the end of the stage at count {k} instead" + (f" (e.g. `{later[0]}`)." if later else ".")
                 )
             stages.append(stage)
         return stages
@@ -88,8 +91,19 @@ class Traced:
         """Whether ``node`` is an op inside a building block (not the block's output)."""
         return inside_any(node, self.blocks)
 
-    def stage_at(self, d: int) -> Stage | None:
-        return next((s for s in self.stages if s.d == d), None)
+    @property
+    def stages_by_count(self) -> dict[int, Stage]:
+        """The backbone's stages by their downsampling count (a count without a stage is absent)."""
+        return {s.downsamplings: s for s in self.stages}
+
+    def stage_at(self, downsamplings: int) -> Stage:
+        """The stage at a downsampling count; a GraphError when no stage sits there."""
+        stage = self.stages_by_count.get(downsamplings)
+        if stage is None:
+            raise GraphError(f"`{self.model.__class__.__name__}` has no stage at downsampling count {downsamplings} "
+                             f"(its stages sit at {sorted(self.stages_by_count)}). This is a dksgraph bug if a plan "
+                             "asked for it; please report it with the spec.")
+        return stage
 
     def resolve(self, at: str) -> str:
         """The node a tap's ``at`` names: a node name, or a module path meaning that module's output."""
@@ -131,15 +145,15 @@ class Traced:
         return node
 
     def auto_taps(self) -> list[tuple[str, str, str]]:
-        """(label, node, reason) of DESIGN.md's automatic taps, deep to shallow.
+        """(label, node, reason) of the automatic taps (``taps: auto``), deep to shallow.
 
         The ends of the two stages before the last downsampling stage; a network whose blocks all
         sit at one resolution (ViT) is tapped after 2/3 and 1/3 of its blocks instead.
         """
-        df = self.d[self.final]
+        df = self.downsamplings[self.final]
         chosen = []
         for label, k in (("c2", df - 1), ("c3", df - 2)):
-            stage = self.stage_at(k)
+            stage = self.stages_by_count.get(k)
             if stage is None or k < 0:
                 continue
             node = stage.end.node
@@ -149,7 +163,7 @@ class Traced:
                 continue
             reason = f"end of stage `{stage.name}` (count {k}), {df - k} stage(s) before the final feature map"
             chosen.append((f"c{len(chosen) + 2}", node, reason))
-        if chosen or any(s.d < df for s in self.stages):
+        if chosen or any(s.downsamplings < df for s in self.stages):
             return chosen
         valid = set(self.valid_taps())
         ends = [b.node for b in self.blocks if b.node in valid]
@@ -171,10 +185,23 @@ class Traced:
 
 
 def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -> Traced:
-    """Trace ``model`` in both modes and analyse its eval-mode graph at ``input_size`` (C, H, W)."""
+    """Trace ``model`` in both modes and analyse its eval-mode graph.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace (``leaf_modules`` help where it cannot).
+        input_size: (C, H, W) of one input image.
+        leaf_modules: qualified names of submodules to keep as single calls.
+
+    Returns:
+        The Traced analysis: node shapes, downsampling counts, blocks, stages, the final feature map and the
+        valid tap points.
+
+    Raises:
+        GraphError: the model cannot be traced or run at ``input_size``.
+    """
     leaf_modules = list(leaf_modules or [])
-    graphs = {mode: trace_graph(model, leaf_modules, mode) for mode in (False, True)}
-    graph = graphs[False]
+    graphs = {mode: trace_graph(model, leaf_modules, mode) for mode in MODES}
+    graph = graphs[EVAL]
     nodes = list(graph.nodes)
     qual = {n: n.meta["qualname"] for n in nodes}
     order = [qual[n] for n in nodes]
@@ -196,7 +223,14 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
 
 
 def valid_taps(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -> list[str]:
-    """Where a branch can attach to ``model`` traced at ``input_size``: the names a spec's ``at:`` takes."""
+    """Where a branch can attach to ``model``.
+
+    Args:
+        model, input_size, leaf_modules: as for :func:`trace`.
+
+    Returns:
+        The names a spec's ``at:`` takes, shallow to deep (what ``dksgraph inspect`` marks).
+    """
     traced = trace(model, input_size, leaf_modules)
     return [traced.alias(q) for q in traced.valid_taps()]
 
@@ -238,14 +272,14 @@ def _check_invariants(blocks: list[Block], stages: list[Stage], final: str, inde
     """What the rest of dksgraph relies on: along the main path the downsampling count never goes down (so
     each count has one stage), and every block lies at or before the final feature map."""
     for before, after in zip(stages, stages[1:]):
-        if after.d <= before.d:
+        if after.downsamplings <= before.downsamplings:
             node = after.blocks[0].node
             raise GraphError(
                 f"the downsampling count goes back down at `{node}` (block `{after.blocks[0].path}`: "
-                f"{fmt_shape(after.blocks[0].in_shape)} -> {fmt_shape(after.blocks[0].out_shape)}, count {before.d} "
-                f"-> {after.d}): the network upsamples, like a decoder or a U-Net. DKS's rule counts downsamplings "
-                "from the input to each classifier, so dksgraph augments classification backbones whose resolution "
-                "only decreases; augment the encoder part as its own backbone instead."
+                f"{fmt_shape(after.blocks[0].in_shape)} -> {fmt_shape(after.blocks[0].out_shape)}, count "
+                f"{before.downsamplings} -> {after.downsamplings}): the network upsamples, like a decoder or a U-Net. "
+                "DKS's rule counts downsamplings from the input to each classifier, so dksgraph augments "
+                "classification backbones whose resolution only decreases; augment the encoder part as its own backbone instead."
             )
     late = [b.path for b in blocks if index[b.node] > index[final]]
     if late:

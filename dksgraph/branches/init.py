@@ -26,8 +26,9 @@ import math
 import torch
 from torch import nn
 
+__all__ = ["DEFAULT", "ROUTINES", "initialise"]
+
 ROUTINES = ("init_weights", "_init_weights", "_initialize_weights", "initialize_weights")
-SCHEMES = ("backbone", "pytorch")
 DEFAULT = ("Kaiming normal (fan-out) convolutions, norm layers weight 1 / bias 0, head Linear like the backbone's "
            "classifier (the backbone has no init routine)")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
