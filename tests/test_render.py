@@ -5,9 +5,10 @@ import torch
 
 from conftest import HAS_DOT, ROOT
 from dksgraph.augmented import augment
+from dksgraph.formatting import fmt_shape
 from dksgraph.loss import pair_set
 from dksgraph.render import build_graph
-from dksgraph.spec import load_spec
+from dksgraph.spec import load_spec, parse_spec
 
 
 @pytest.mark.skipif(not HAS_DOT, reason="graphviz's `dot` is not installed (CI installs it)")
@@ -53,3 +54,40 @@ def test_dot_format_needs_no_graphviz(run, tmp_path):
     result = run("augment", ROOT / "specs" / "resnet32.yaml", "--render", "--format", "dot")
     assert result.exit_code == 0
     assert (tmp_path / "resnet32.augmented.dot").exists()
+
+
+KINDS = {  # one backbone of each kind of branch: (model, input size)
+    "CIFAR family (built stages)": ("zoo:resnet32", [3, 32, 32]),
+    "torchvision segment": ("torchvision:mobilenet_v3_small", [3, 64, 64]),
+    "token-sequence segment (LeViT)": ("timm:levit_128s", [3, 224, 224]),
+    "head only (ViT)": ("timm:vit_tiny_patch16_224", [3, 224, 224]),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_picture_labels_every_branch_stage_with_the_plans_shapes(kind):
+    model_name, size = KINDS[kind]
+    if model_name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = augment(parse_spec({"backbone": {"model": model_name, "input_size": size, "kwargs": {"num_classes": 10}},
+                                "taps": "auto"}), pretrained=False)
+    source = build_graph(model).source
+    for plan in model.plans:
+        labels = _branch_edge_labels(source, plan.label)
+        want = [fmt_shape(plan.in_shape)] + [fmt_shape(s.out_shape) for s in plan.stages]
+        assert [label.split("  d=")[0] for label in labels] == want, (plan.label, labels, want)
+        for stage in plan.stages:
+            assert f"x{stage.depth} -> {fmt_shape(stage.out_shape)}" in source
+    kinds = {"CIFAR family (built stages)": lambda p: p.stages and not p.segment,
+             "torchvision segment": lambda p: p.segment,
+             "token-sequence segment (LeViT)": lambda p: p.segment and len(p.stages[-1].out_shape) == 2,
+             "head only (ViT)": lambda p: not p.stages}
+    assert any(kinds[kind](p) for p in model.plans), [p.describe() for p in model.plans]
+
+
+def _branch_edge_labels(source: str, label: str) -> list[str]:
+    """The shape labels of the edges inside a branch's cluster, in drawing order (into each stage, into the head)."""
+    ident = f"n_{label}"
+    edges = re.findall(rf'-> {ident}_(?:stage\d+|head) \[[^\]]*label="([^"]+)"', source)
+    return [e.replace("\\n", " ").strip() for e in edges]
