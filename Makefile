@@ -1,5 +1,6 @@
 # make demo  - fresh venv, install, inspect, augment --render, a short DKS training run on CIFAR-10, strip
-# make test  - fresh venv, install, the test suite (timm and matplotlib included)
+# make test     - fresh venv, install, the fast tier of the test suite (every module's fast tests, minutes)
+# make test-all - the whole suite: also the slow models, the kill -9 trials and the GPU check's dry run (CI)
 # make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit,
 #                     31 min on 2 cores with AVX-512, 122 min on a slower 2-core CPU without)
 # make reproduce-cpu-underfit - the earlier 75-minute grid in the underfitting regime (docs/results/cpu_cifar10)
@@ -18,7 +19,7 @@ CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
 # The GPU server's Python version(s), for make wheels
 PY_VERSION ?= 3.12
 
-.PHONY: install demo test bench reproduce-cpu reproduce-cpu-underfit wheels gpu-data gpu-check clean
+.PHONY: install demo test test-all bench reproduce-cpu reproduce-cpu-underfit wheels gpu-data gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,9 @@ demo: install
 	cd demo && ../tools/demo.sh
 
 test: install
+	$(BIN)/python -m pytest -q -m "not slow and not faults"
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 bench: install

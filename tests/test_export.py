@@ -12,8 +12,10 @@ import dksgraph
 from conftest import ROOT, SPECS, write
 from dksgraph.augmented import augment
 from dksgraph.checkpoint import save_checkpoint
-from dksgraph.classifiers import classifier, mean_softmax
-from dksgraph.formats import identical, load_exported
+from dksgraph.deploy.classifiers import classifier
+from dksgraph.deploy.exports import load_exported
+from dksgraph.deploy.formats import identical
+from dksgraph.loss import ensemble_probabilities
 from dksgraph.spec import load_spec, parse_spec
 
 TORCHVISION = ["resnet18", "densenet121", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
@@ -28,7 +30,7 @@ def exports_reload_equal(model, tmp_path, formats=("state_dict", "exported"), en
     x = torch.randn(4, *model.spec.backbone.input_size)
     with torch.no_grad():
         logits = model.logits(x)
-    want = {**logits, "ensemble": mean_softmax(list(logits.values()))} if ensemble else logits
+    want = {**logits, "ensemble": ensemble_probabilities(list(logits.values()))} if ensemble else logits
     for name, expected in want.items():
         for fmt in formats:
             if fmt == "exported" and traced is not None and name not in traced:
@@ -40,7 +42,17 @@ def exports_reload_equal(model, tmp_path, formats=("state_dict", "exported"), en
                 assert identical(reloaded(x), expected), (name, fmt)
 
 
-@pytest.mark.parametrize("path", [p for p in SPECS if p.stem not in HEAVY_SPECS], ids=lambda p: p.stem)
+# the fast tier exports the small paper specs; the larger ones (10-30 s each) run in `make test-all`
+SLOW_SPECS = {"wrn28_10_dropout", "densenet100", "resnet50", "resnet110", "resnet18_taps"}
+SLOW_TORCHVISION = {"densenet121", "efficientnet_b0", "convnext_tiny", "regnet_x_400mf", "mobilenet_v2"}
+
+
+def _tiered(values, slow, ids=str):
+    return [pytest.param(v, marks=pytest.mark.slow) if ids(v) in slow else v for v in values]
+
+
+@pytest.mark.parametrize("path", _tiered([p for p in SPECS if p.stem not in HEAVY_SPECS], SLOW_SPECS,
+                                         lambda p: p.stem), ids=lambda p: p.stem)
 def test_every_classifier_of_every_paper_spec_exports_and_reloads_equal(path, tmp_path):
     torch.manual_seed(0)
     exports_reload_equal(augment(load_spec(path)), tmp_path, ensemble=path.stem == "resnet32")
@@ -55,7 +67,7 @@ def test_every_classifier_of_the_largest_paper_specs_exports_and_reloads_equal(p
     exports_reload_equal(augment(load_spec(path)), tmp_path, traced={"c3"} if path.stem == "resnet1202" else None)
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("name", _tiered(TORCHVISION, SLOW_TORCHVISION))
 def test_torchvision_families_export_and_reload_equal(name, tmp_path):
     torch.manual_seed(0)
     spec = parse_spec({"backbone": {"model": f"torchvision:{name}", "kwargs": {"num_classes": 10},
@@ -63,7 +75,7 @@ def test_torchvision_families_export_and_reload_equal(name, tmp_path):
     exports_reload_equal(augment(spec), tmp_path, ensemble=name == "resnet18")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenet_v2"])
+@pytest.mark.parametrize("name", _tiered(["resnet18", "densenet121", "mobilenet_v2"], {"densenet121", "mobilenet_v2"}))
 def test_onnx_within_tolerance_under_onnxruntime(name, tmp_path):
     import onnxruntime
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, write
 
-from dksgraph import grid as grid_lib
-from dksgraph import report
+from dksgraph.experiments import grid as grid_lib
+from dksgraph.experiments import report
 from dksgraph.errors import DksError
 from dksgraph.spec import parse_spec
 from dksgraph.train.trainer import Trainer
@@ -197,6 +197,7 @@ def test_paired_runs_share_initial_backbone_weights_and_data_order(tmp_path):
     assert torch.equal(x_base, x_dks) and torch.equal(y_base, y_dks)
 
 
+@pytest.mark.slow
 def test_run_records_rebuild_the_report_and_are_reused_by_a_later_grid(tmp_path):
     grid_file = write(tmp_path / "toy.yaml", TOY)
     first = reproduce(grid_file, "--runs-dir", "runs", "--report-dir", "results", cwd=tmp_path)
@@ -228,6 +229,7 @@ def _interruptible():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.faults
 def test_ctrl_c_stops_the_grid_and_the_next_invocation_goes_on(tmp_path):
     import signal
     import time
