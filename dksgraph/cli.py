@@ -68,14 +68,25 @@ def _taps(text: str):
 _input_size = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
                            help="Trace at this input size (default: the spec's; 3 32 32 for zoo:, else 3 224 224).")
 _num_classes = click.option("--num-classes", type=click.IntRange(min=1), help="Override the classifier size.")
+_target = click.argument("target", metavar="SPEC_OR_MODEL", required=False)
+_model = click.option("--model", help="A model name instead of SPEC_OR_MODEL (the same thing, spelled as an option).")
+
+
+def _target_of(command: str, target: str | None, model: str | None) -> str:
+    """SPEC_OR_MODEL, given as the argument or as --model (one of them)."""
+    if (target is None) == (model is None):
+        raise DksError(f"give a spec file or a model name, once: `dksgraph {command} specs/resnet32.yaml`, "
+                       f"`dksgraph {command} torchvision:resnet50` or `dksgraph {command} --model torchvision:resnet50`.")
+    return target or model
 
 
 @cli.command()
-@click.argument("target", metavar="SPEC_OR_MODEL")
+@_target
+@_model
 @_input_size
 @_num_classes
 @click.option("--all", "show_all", is_flag=True, help="Also list the cut points inside blocks.")
-def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
+def inspect(target: str | None, model: str | None, input_size, num_classes, show_all: bool) -> None:
     """List the valid taps of a backbone: shape, downsampling count, stage, and the auto choice.
 
     SPEC_OR_MODEL is a spec file or a model name such as `zoo:resnet32`, `torchvision:resnet50`,
@@ -86,7 +97,7 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
     from dksgraph.models import build_backbone
     from dksgraph.summary import TAP_HEADERS, tap_rows
 
-    spec = _load(target, input_size, num_classes)
+    spec = _load(_target_of("inspect", target, model), input_size, num_classes)
     model = build_backbone(spec.backbone, pretrained=False)
     t = trace(model, spec.backbone.input_size, spec.backbone.leaf_modules)
     auto = t.auto_taps()
@@ -103,9 +114,9 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
 
 
 @cli.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False), required=False)
-@click.option("--model", help="Instead of a spec: a model name (e.g. torchvision:convnext_tiny); the rest defaults.")
-@click.option("--taps", "taps_text", metavar="auto|A,B", help="With --model (or to override a spec): `auto` or "
+@_target
+@_model
+@click.option("--taps", "taps_text", metavar="auto|A,B", help="With a model name (or to override a spec): `auto` or "
               "comma-separated tap points.")
 @_input_size
 @_num_classes
@@ -117,13 +128,15 @@ def inspect(target: str, input_size, num_classes, show_all: bool) -> None:
               help="Folder for the rendered picture.")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the untrained model as a dksgraph/1 checkpoint.")
 @click.option("--seed", type=int, help="Seed for branch initialisation (default: the spec's train.seed).")
-def augment(spec_path: str | None, model: str | None, taps_text: str | None, input_size, num_classes,
+def augment(target: str | None, model: str | None, taps_text: str | None, input_size, num_classes,
             do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None, seed: int | None) -> None:
     """Trace the spec's backbone, attach its branches and print a summary per classifier.
 
+    SPEC_OR_MODEL is a spec file or a model name (as for `inspect`; `--model NAME` is the same).
+
     \b
       dksgraph augment specs/densenet100.yaml --render
-      dksgraph augment --model torchvision:convnext_tiny --taps auto --render
+      dksgraph augment torchvision:convnext_tiny --taps auto --render
     """
     import torch
 
@@ -131,10 +144,7 @@ def augment(spec_path: str | None, model: str | None, taps_text: str | None, inp
     from dksgraph.formatting import format_table
     from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows
 
-    if (spec_path is None) == (model is None):
-        raise DksError("give either a spec file (`dksgraph augment specs/resnet32.yaml`) or `--model NAME` "
-                       "(`dksgraph augment --model torchvision:resnet50 --taps auto`), not both or neither.")
-    spec = _load(spec_path or model, input_size, num_classes, taps_text)
+    spec = _load(_target_of("augment", target, model), input_size, num_classes, taps_text)
     torch.manual_seed(spec.train.seed if seed is None else seed)
     model = build(spec)
     rows, footer = classifier_rows(model)

@@ -94,4 +94,28 @@ def test_augment_with_model_instead_of_spec(run):
     assert result.exit_code == 0, result.output
     assert "layer3 (C2)" in result.output and "layer2 (C3)" in result.output
     neither = run("augment")
-    assert neither.exit_code == 2 and "either a spec file" in " ".join(neither.output.split())
+    assert neither.exit_code == 2 and "give a spec file or a model name, once" in " ".join(neither.output.split())
+
+
+def test_inspect_and_augment_take_a_model_the_same_two_ways(run):
+    for command in ("inspect", "augment"):
+        positional = run(command, "zoo:resnet32")
+        option = run(command, "--model", "zoo:resnet32")
+        assert positional.exit_code == option.exit_code == 0, positional.output + option.output
+        assert positional.output == option.output
+        both = run(command, "zoo:resnet32", "--model", "zoo:resnet32")
+        neither = run(command)
+        for result in (both, neither):
+            assert result.exit_code == 2 and "give a spec file or a model name, once" in " ".join(result.output.split())
+
+
+def test_load_gives_back_the_trained_augmented_model(run, tmp_path):
+    import dksgraph
+
+    assert run("augment", "zoo:resnet32", "--save", "init.pt").exit_code == 0
+    saved = torch.load(tmp_path / "init.pt", weights_only=True)["model"]
+    model = dksgraph.load(tmp_path / "init.pt")
+    assert isinstance(model, dksgraph.AugmentedModel) and model.classifiers == ["main", "c2", "c3"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(dksgraph.CheckpointError):
+        dksgraph.load(tmp_path / "missing.pt")
