@@ -214,7 +214,17 @@ def json_schema() -> dict[str, Any]:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a YAML spec; the spec's name defaults to the file's stem."""
+    """Read and validate a YAML spec.
+
+    Args:
+        path: a YAML file (the shipped ones are in ``specs/``; ``dksgraph schema`` prints the format).
+
+    Returns:
+        The validated Spec; its name defaults to the file's stem.
+
+    Raises:
+        SpecError: a missing file, bad YAML or an invalid field, named with the fix.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(
@@ -242,7 +252,19 @@ def read_yaml(path: Path) -> Any:
 
 
 def parse_spec(data: Any, source: str = "spec", default_name: str | None = None) -> Spec:
-    """Validate a spec given as plain data (from YAML or a checkpoint)."""
+    """Validate a spec given as plain data (from YAML or a checkpoint).
+
+    Args:
+        data: the spec as a mapping (at least ``backbone:``).
+        source: what to call it in error messages.
+        default_name: the spec's name when ``data`` has none.
+
+    Returns:
+        The validated Spec.
+
+    Raises:
+        SpecError: an invalid field, named with the fix.
+    """
     if not isinstance(data, dict):
         raise SpecError(
             f"`{source}` must hold a mapping with at least a `backbone:` section, "

@@ -65,9 +65,9 @@ class StagePlan:
 class BranchPlan:
     """Everything about one auxiliary classifier, decided before anything is built."""
 
-    label: str
-    node: str
-    tap: str
+    label: str  # the classifier's name: its branch's key in the model, its column in every table (c2, c3, ...)
+    node: str  # the traced node the branch reads (a qualified name of the FX graph)
+    tap: str  # the tap point as the spec wrote it (`at:`), or the node's alias for `taps: auto`
     downsamplings: int
     alpha: float
     reason: str
