@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 LAYERS: tuple[tuple[str, ...], ...] = (  # bottom to top; a module may import from its layer and those below
     ("errors", "names", "formatting"),  # leaves: error types, the names of files and keys, text tables
     ("spec",),  # the YAML spec, validated
+    ("objective",),  # methods as presets over the objective's terms, expanded
     ("checkpoint",),  # atomic writes, dksgraph/1 checkpoints, safe tensor reads
     ("models",),  # the model zoo and backbone factories (timm, torchvision, pretrained weights)
     ("fx",),  # tracing, blocks and stages, downsampling counts and taps

@@ -29,11 +29,11 @@ from dksgraph.branches.build import Branch, build_branch
 from dksgraph.branches.plan import BranchPlan, plan_branch
 from dksgraph.checkpoint import checkpoint_spec, load_checkpoint, strict_load
 from dksgraph.errors import GraphError, SpecError
-from dksgraph.fx.graph import Traced, trace
-from dksgraph.fx.tracing import CONSTANTS, mode_of, move_constants, view_program
-from dksgraph.loss import pair_set
+from dksgraph.fx.graph import Traced, final_linear_input, trace
+from dksgraph.fx.tracing import CONSTANTS, EVAL, mode_of, move_constants, view_program
 from dksgraph.models import build_backbone, main_logits
 from dksgraph.names import MAIN, Key
+from dksgraph.objective import resolve_objective
 from dksgraph.spec import Spec, TapSpec
 
 __all__ = ["AugmentedModel", "TapChoice", "augment", "load", "load_state", "load_with_checkpoint",
@@ -56,16 +56,28 @@ class AugmentedModel(nn.Module):
         self.traced = traced
         self.plans = list(plans)
         self.classifiers = [MAIN, *(p.label for p in plans)]
+        self.objective = resolve_objective(spec, self.classifiers[1:])
         self.eval_output = "all"
+        self.with_features = False  # training forward also returns the hint features (set by the trainer)
         self._build_programs()
+        if self.objective.hints:
+            self._add_adapters()
 
     def _build_programs(self) -> None:
         programs = {}
         for mode, graph in self.traced.graphs.items():
-            programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans])
+            programs[mode] = _tap_program(self.backbone, graph, [p.node for p in self.plans], feature=True)
         # kept in __dict__, not as attributes: nn.Module would register the programs as submodules, and their
         # parameters (the backbone's own) would appear twice in state_dict() and parameters()
         self.__dict__["_programs"] = programs
+
+    def _add_adapters(self) -> None:
+        """One ``nn.Linear`` per branch from its pooled feature to main's (``branches.<tap>.adapter``), for the
+        feature hints; trained with the branch, dropped by strip, never part of an exported classifier."""
+        main_linear = _final_linear(self.backbone, self.traced.graphs[EVAL], "the backbone")
+        for label, branch in self.branches.items():
+            linear = _final_linear(branch.head, branch.head.graph, f"branch `{label}`")
+            branch.adapter = nn.Linear(linear.in_features, main_linear.in_features, bias=False)
 
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)
@@ -84,20 +96,34 @@ class AugmentedModel(nn.Module):
         new._build_programs()
         return new
 
-    def forward(self, x: Tensor) -> dict[str, Tensor] | Tensor:
+    def forward(self, x: Tensor) -> dict[str, Tensor] | Tensor | tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``{classifier: logits}``; only the ``main`` logits tensor in eval mode when ``eval_output == "main"``
-        (for evaluation loops written for plain networks, such as torchvision's and timm's)."""
+        (for evaluation loops written for plain networks, such as torchvision's and timm's); in training mode with
+        ``with_features``, ``(logits, features)`` as :meth:`logits_and_features` gives them."""
         if not self.training and self.eval_output == "main":
             return self.forward_main(x)
+        if self.training and self.with_features:
+            return self.logits_and_features(x)
         return self.logits(x)
 
     def logits(self, x: Tensor) -> dict[str, Tensor]:
         """Every classifier's logits, ``main`` first, whatever ``eval_output`` says."""
-        result, *features = self.__dict__["_programs"][mode_of(self)](x)
+        return self._run(x, False)[0]
+
+    def logits_and_features(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every classifier's logits, and the features of the hint terms: ``main``'s pooled feature (what enters
+        its final Linear) and each branch's through its adapter (empty without hints)."""
+        return self._run(x, self.objective.hints)
+
+    def _run(self, x: Tensor, hints: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        result, *features, main_feature = self.__dict__["_programs"][mode_of(self)](x)
         logits = {MAIN: main_logits(result)}
+        hinted = {MAIN: main_feature} if hints else {}
         for (label, branch), feature in zip(self.branches.items(), features):
-            logits[label] = branch(feature)
-        return logits
+            logits[label], pooled = branch.classify(feature)
+            if hints:
+                hinted[label] = branch.adapter(pooled)
+        return logits, hinted
 
     def forward_main(self, x: Tensor) -> Tensor:
         """Only the backbone's own logits, through the same program ``forward`` runs (no branches)."""
@@ -112,8 +138,20 @@ def main_program(backbone: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return _tap_program(backbone, graph, [])
 
 
-def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.GraphModule:
-    """A GraphModule over the backbone's submodules returning (original output, *tap features)."""
+def _final_linear(root: nn.Module, graph: fx.Graph, what: str) -> nn.Linear:
+    """The ``nn.Linear`` whose input is the feature of a hint term, or a SpecError saying why there is none."""
+    node = final_linear_input(graph, root)
+    if node is None:
+        raise SpecError(f"feature hints need the pooled feature that enters a classifier's final nn.Linear, but "
+                        f"{what} has no nn.Linear in its head. Set `objective.hint_weight: 0` in the spec.")
+    user = next(u for u in node.users if u.op == "call_module" and isinstance(root.get_submodule(u.target),
+                                                                              nn.Linear))
+    return root.get_submodule(user.target)
+
+
+def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str], feature: bool = False) -> fx.GraphModule:
+    """A GraphModule over the backbone's submodules returning (original output, *tap features), and with
+    ``feature`` the input of its final Linear last (None where there is none)."""
     new = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, val_map)
@@ -128,6 +166,9 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str]) -> fx.Gr
             with new.inserting_after(node):
                 node = new.call_method("clone", (node,))
         features.append(node)
+    if feature:
+        pooled = final_linear_input(graph, backbone)
+        features.append(val_map[pooled] if pooled is not None else None)
     new.output((out, *features))
     return view_program(backbone, new, "TapProgram", getattr(graph, CONSTANTS, {}))
 
@@ -170,7 +211,7 @@ def plan_taps(spec: Spec, traced: Traced) -> list[BranchPlan]:
     for choice in resolve_taps(spec, traced):
         tap = choice.tap
         plans.append(plan_branch(traced, choice.label, choice.node, depth=tap.depth if tap else None,
-                                 width=tap.width if tap else None, alpha=tap.alpha if tap else 1.0,
+                                 width=tap.width if tap else None,
                                  tap=tap.at if tap else None, reason=choice.reason, branch_copy=spec.branch_copy))
     return plans
 
@@ -199,7 +240,6 @@ def augment(spec: Spec, backbone: nn.Module | None = None, pretrained: bool = Tr
         backbone = build_backbone(spec.backbone, pretrained)
     traced = trace(backbone, spec.backbone.input_size, spec.backbone.leaf_modules)
     plans = plan_taps(spec, traced)
-    pair_set(spec.synergy.pairs, [MAIN, *(p.label for p in plans)])  # explicit pairs name existing classifiers
     built = [build_branch(traced, p, spec.branch_init) for p in plans]
     model = AugmentedModel(spec, backbone, traced, plans, [branch for branch, _ in built])
     model.branch_init = built[0][1] if built else "no branches"

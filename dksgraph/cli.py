@@ -14,6 +14,7 @@ import click
 from dksgraph.errors import DksError
 from dksgraph.formatting import fmt_shape
 from dksgraph.names import ENSEMBLE, EXPORT_FORMATS as FORMATS, EXPORT_SUFFIXES as SUFFIXES, MAIN, RENDER_FORMATS, Key
+from dksgraph.spec import METHODS
 
 __all__ = ["augment", "cli", "export", "inspect", "main", "schema", "strip"]
 
@@ -44,7 +45,8 @@ def cli() -> None:
     """
 
 
-def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None, taps: str | None = None):
+def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | None, taps: str | None = None,
+          method: str | None = None):
     """A Spec from a YAML path, or a minimal one around a model name (everything else defaulted)."""
     from dksgraph.spec import apply_overrides, load_spec, parse_spec
 
@@ -55,7 +57,7 @@ def _load(target: str, input_size: tuple[int, ...] | None, num_classes: int | No
         spec = parse_spec({"backbone": {"model": target, "input_size": list(size)}}, source=target,
                           default_name=target.split(":")[-1])
     return apply_overrides(spec, source=target, input_size=input_size or None, num_classes=num_classes,
-                           taps=_taps(taps) if taps else None)
+                           taps=_taps(taps) if taps else None, method=method)
 
 
 def _taps(text: str):
@@ -128,9 +130,13 @@ def inspect(target: str | None, model: str | None, input_size, num_classes, show
               help="Folder for the rendered picture.")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the untrained model as a dksgraph/1 checkpoint.")
 @click.option("--seed", type=int, help="Seed for branch initialisation (default: the spec's train.seed).")
+@click.option("--method", type=click.Choice(METHODS), help="Show (and --save) the model and objective of this "
+              "method's preset instead of the spec's train.method.")
 def augment(target: str | None, model: str | None, taps_text: str | None, input_size, num_classes,
-            do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None, seed: int | None) -> None:
-    """Trace the spec's backbone, attach its branches and print a summary per classifier.
+            do_render: bool, fmt: str, detail: bool, out_dir: str, save: str | None, seed: int | None,
+            method: str | None) -> None:
+    """Trace the spec's backbone, attach its branches, print a summary per classifier and the objective, one line
+    per term with its weight (the method's preset with the spec's overrides).
 
     SPEC_OR_MODEL is a spec file or a model name (as for `inspect`; `--model NAME` is the same).
 
@@ -144,7 +150,7 @@ def augment(target: str | None, model: str | None, taps_text: str | None, input_
     from dksgraph.formatting import format_table
     from dksgraph.summary import CLASSIFIER_HEADERS, classifier_rows
 
-    spec = _load(_target_of("augment", target, model), input_size, num_classes, taps_text)
+    spec = _load(_target_of("augment", target, model), input_size, num_classes, taps_text, method)
     torch.manual_seed(spec.train.seed if seed is None else seed)
     model = build(spec)
     rows, footer = classifier_rows(model)
@@ -153,11 +159,7 @@ def augment(target: str | None, model: str | None, taps_text: str | None, input_
     click.echo(format_table(rows, CLASSIFIER_HEADERS))
     click.echo(footer)
     click.echo(f"branch initialisation: {model.branch_init}")
-    from dksgraph.loss import pair_set
-
-    pairs = ", ".join(f"{a}->{b}" for a, b in pair_set(spec.synergy.pairs, model.classifiers))
-    click.echo(f"synergy pairs ({spec.synergy.pairs if isinstance(spec.synergy.pairs, str) else 'explicit'}, "
-               f"beta={spec.synergy.beta:g}, T={spec.synergy.temperature:g}): {pairs or 'none (deep supervision only)'}")
+    click.echo("\n".join(model.objective.describe()))
     if spec.taps == "auto":
         for plan in model.plans:
             click.echo(f"auto {plan.label}: {plan.tap} - {plan.reason}")

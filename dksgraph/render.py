@@ -20,8 +20,7 @@ from dksgraph.augmented import AugmentedModel
 from dksgraph.checkpoint import atomic_write
 from dksgraph.errors import DksError
 from dksgraph.formatting import fmt_shape
-from dksgraph.loss import pair_set
-from dksgraph.names import RENDER_FORMATS
+from dksgraph.names import ENSEMBLE, RENDER_FORMATS
 
 __all__ = ["BACKBONE", "BRANCH", "CLASSIFIER", "build_graph", "render"]
 
@@ -81,6 +80,7 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
     g.edge(prev, "head", label=_shape_label(t.shapes[t.final], t.downsamplings[t.final]))
     g.node("clf_main", "main (C1)", **CLASSIFIER, color=BACKBONE["color"])
     g.edge("head", "clf_main")
+    obj = model.objective
     for number, plan in enumerate(model.plans, start=2):
         anchor = anchors.get(plan.node) or _nearest_anchor(t, anchors, plan.node)
         with g.subgraph(name=f"cluster_branch_{_id(plan.label)}") as bg:
@@ -98,13 +98,15 @@ def build_graph(model: AugmentedModel, detail: bool = False) -> graphviz.Digraph
             bg.node(hid, "head (fresh copy)", **BRANCH)
             g.edge(src, hid, label=_shape_label(*shape), color=BRANCH["color"])
         cid = f"clf_{_id(plan.label)}"
-        g.node(cid, f"{plan.label} (C{number})\nalpha={plan.alpha:g}", **CLASSIFIER, color=BRANCH["color"])
+        g.node(cid, f"{plan.label} (C{number})\nalpha={obj.ce[plan.label]:g}", **CLASSIFIER, color=BRANCH["color"])
         g.edge(hid, cid, color=BRANCH["color"])
     ids = {"main": "clf_main", **{p.label: f"clf_{_id(p.label)}" for p in model.plans}}
-    beta, temp = model.spec.synergy.beta, model.spec.synergy.temperature
-    for teacher, student in pair_set(model.spec.synergy.pairs, model.classifiers):
+    if any(teacher == ENSEMBLE for teacher, _ in obj.pairs):
+        ids[ENSEMBLE] = "clf_ensemble"
+        g.node(ids[ENSEMBLE], "ensemble\n(mean softmax)", **CLASSIFIER, color="#6a3d9a")
+    for teacher, student in obj.pairs:
         g.edge(ids[teacher], ids[student], style="dashed", color="#6a3d9a", constraint="false", arrowsize="0.6",
-               tooltip=f"synergy {teacher} -> {student} (beta={beta:g}, T={temp:g})")
+               tooltip=f"synergy {teacher} -> {student} (beta={obj.beta:g}, T={obj.temperature:g})")
     return g
 
 

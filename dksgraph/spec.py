@@ -6,8 +6,8 @@ Every model forbids unknown keys, so a misspelt field is an error instead of a s
 Example::
 
     >>> spec = parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}})
-    >>> spec.taps, spec.synergy.pairs
-    ('auto', 'bidirectional')
+    >>> spec.taps, spec.train.method
+    ('auto', 'dks')
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, model_validator)
 
 from dksgraph.errors import SpecError, close_matches
-from dksgraph.names import MAIN
+from dksgraph.names import ENSEMBLE, MAIN
 
 __all__ = ["BACKBONE_OVERRIDES", "DATASETS", "METHODS", "RECIPE_OVERRIDES", "BackboneSpec", "OptimizerSpec",
-           "ScheduleSpec", "Spec", "SynergySpec", "TapSpec", "TrainSpec", "apply_overrides", "check_pairs",
+           "ObjectiveSpec", "ScheduleSpec", "Spec", "SynergySpec", "TapSpec", "TrainSpec", "apply_overrides", "check_pairs",
            "describe_errors", "json_schema", "load_spec", "parse_spec", "read_yaml"]
 
-PairSet = Literal["bidirectional", "top_down", "bottom_up", "none"]
-Method = Literal["dks", "ds", "baseline"]
+PairSet = Literal["bidirectional", "top_down", "bottom_up", "from_main", "ensemble", "none"]
+Method = Literal["dks", "ds", "baseline", "byot", "dhm", "sdn"]
 Dataset = Literal["cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"]
 Augmentation = Literal["cifar", "imagenet", "imagenet_inception", "none"]
 Schedule = Literal["multistep", "step", "cosine"]
@@ -80,7 +80,8 @@ class TapSpec(_Strict):
                              description="Label in logs and outputs (no dots); default: `at` with `_` for `.`.")
     depth: list[Depth] | None = Field(None, description=f"Blocks per branch stage (1 to {MAX_DEPTH}).")
     width: list[Width] | None = Field(None, description=f"Channel multiplier per branch stage (up to {MAX_WIDTH:g}).")
-    alpha: NonNegativeFloat = Field(1.0, description="Weight of this classifier's cross-entropy.")
+    alpha: NonNegativeFloat | None = Field(
+        None, description="Weight of this classifier's cross-entropy (default: the method's; 1 for dks).")
 
     @property
     def label(self) -> str:
@@ -97,13 +98,30 @@ class TapSpec(_Strict):
 
 
 class SynergySpec(_Strict):
-    """Which classifiers teach which (the pair set B) and the synergy weight and temperature."""
+    """Which classifiers teach which (the pair set B) and the synergy weight and temperature. A field left out
+    takes the method's value (``train.method``; `dksgraph augment` prints the expanded objective)."""
 
-    pairs: PairSet | list[tuple[str, str]] = Field(
-        "bidirectional", description="bidirectional | top_down | bottom_up | none | [[teacher, student], ...]"
-    )
-    beta: NonNegativeFloat = 1.0
-    temperature: PositiveFloat = 1.0
+    pairs: PairSet | list[tuple[str, str]] | None = Field(
+        None, description="bidirectional | top_down | bottom_up | from_main (main teaches every tap) | ensemble "
+        "(the classifiers' mean softmax teaches each) | none | [[teacher, student], ...] (a teacher may be "
+        "`ensemble`). Default: the method's (bidirectional for dks).")
+    beta: NonNegativeFloat | None = Field(None, description="Weight of the pair terms (default: the method's).")
+    temperature: PositiveFloat | None = Field(None, description="Softmax temperature T (default: the method's).")
+    temperature_squared: bool | None = Field(
+        None, description="Multiply the pair terms by T^2 (Hinton et al.; default: the method's, off for byot).")
+    pair_drop: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Probability that a pair term is dropped at a step (DHM's stochastic variant; default 0).")
+
+
+class ObjectiveSpec(_Strict):
+    """The objective's terms beyond cross-entropy and pairs; a field left out takes the method's value."""
+
+    ce_ramp: Literal["constant", "linear"] | None = Field(
+        None, description="linear: the taps' cross-entropy weights ramp per step from 0.01 to their value over "
+        "training (SDN); default: the method's (constant but for sdn).")
+    hint_weight: NonNegativeFloat | None = Field(
+        None, description="Weight of the feature hints ||A_c f_c - f_main||^2 (a learned linear adapter per tap; "
+        "default: the method's, 0.03 for byot, else 0).")
 
 
 class OptimizerSpec(_Strict):
@@ -133,7 +151,8 @@ class TrainSpec(_Strict):
     the recipe it was trained with, so a resumed run cannot silently change it.
     """
 
-    method: Method = Field("dks", description="dks: taps + synergy pairs; ds: taps, no pairs; baseline: no taps.")
+    method: Method = Field("dks", description="A preset over the objective's terms: dks (taps + synergy pairs), "
+                           "ds (taps, no pairs), baseline (no taps), byot, dhm, sdn; see README, Methods.")
     dataset: Dataset = "cifar100"
     data_dir: str = "./data"
     epochs: PositiveInt = 200
@@ -159,6 +178,7 @@ class Spec(_Strict):
         "auto", description="Auxiliary classifiers, or `auto` for the paper's best placement."
     )
     synergy: SynergySpec = Field(default_factory=SynergySpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     branch_copy: Literal["segment", "blocks"] = Field(
         "segment", description="How a branch stage without a block-family builder is made: `segment`, a fresh copy "
@@ -191,10 +211,15 @@ class Spec(_Strict):
 
 def check_pairs(pairs: PairSet | list[tuple[str, str]], classifiers: list[str]) -> None:
     """Refuse an explicit pair list that names a classifier the model does not have."""
-    if isinstance(pairs, str):
+    if isinstance(pairs, str) or pairs is None:
         return
     for teacher, student in pairs:
+        if student == ENSEMBLE:
+            raise ValueError(f"synergy pair [{teacher}, {student}]: `{ENSEMBLE}` can teach but not learn; "
+                             "it is the classifiers' mean softmax")
         for who in (teacher, student):
+            if who == ENSEMBLE:
+                continue
             if who not in classifiers:
                 hint = close_matches(who, classifiers)
                 raise ValueError(

@@ -27,7 +27,7 @@ def test_augment_summary_and_save_then_strip(run, tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "c2 (C2)" in out and "BasicBlock x2 @1024" in out and "training overhead vs backbone" in out
-    assert "main->c2" in out
+    assert "1 x H(softmax(main / 1).detach(), softmax(c2 / 1))" in out and "objective: dks" in out
     result = run("strip", "init.pt", "-o", "resnet18.pt")
     assert result.exit_code == 0, result.output
     assert "verified" in result.output

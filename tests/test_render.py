@@ -6,7 +6,6 @@ import torch
 from conftest import HAS_DOT, ROOT
 from dksgraph.augmented import augment
 from dksgraph.formatting import fmt_shape
-from dksgraph.loss import pair_set
 from dksgraph.render import build_graph
 from dksgraph.spec import load_spec, parse_spec
 
@@ -33,7 +32,7 @@ def test_graph_draws_pairs_dashed_and_branches_coloured():
     source = build_graph(model).source
     dashed = re.findall(r"(clf_\w+) -> (clf_\w+) \[[^\]]*style=dashed", source)
     assert sorted(dashed) == sorted((f"clf_{'n_' if a != 'main' else ''}{a}", f"clf_{'n_' if b != 'main' else ''}{b}")
-                                    for a, b in pair_set(model.spec.synergy.pairs, model.classifiers))
+                                    for a, b in model.objective.pairs)
     assert "#c8621b" in source  # second colour for branches
     detailed = build_graph(model, detail=True).source
     assert "layer1.0.conv1" in detailed and "layer1.0.conv1" not in source

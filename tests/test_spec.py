@@ -17,7 +17,7 @@ def test_shipped_specs_validate(path):
 
 def test_name_defaults_to_file_stem(tmp_path):
     spec = load_spec(write(tmp_path / "mine.yaml", "backbone: {model: 'zoo:resnet32'}\n"))
-    assert spec.name == "mine" and spec.taps == "auto" and spec.synergy.pairs == "bidirectional"
+    assert spec.name == "mine" and spec.taps == "auto" and spec.synergy.pairs is None  # the method's pairs
 
 
 def test_schema_command_prints_json_schema(run):

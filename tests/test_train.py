@@ -34,7 +34,7 @@ def config(out, **kw):
     return RunConfig(**base)
 
 
-@pytest.mark.parametrize("method", ["dks", "ds", "baseline"])
+@pytest.mark.parametrize("method", ["dks", "ds", "baseline", "byot", "dhm", "sdn"])
 def test_one_epoch_per_method_writes_checkpoints_and_metrics(run, tmp_path, method):
     result = run("train", ROOT / "specs" / "resnet32.yaml", "--method", method, "--dataset", "synthetic",
                  "--num-classes", 10, "--epochs", 1, "--batch-size", 16, "--limit-train-batches", 2,
@@ -48,7 +48,9 @@ def test_one_epoch_per_method_writes_checkpoints_and_metrics(run, tmp_path, meth
     classifiers = ["main"] if method == "baseline" else ["main", "c2", "c3", "ensemble"]
     for name in classifiers:
         assert 0 <= records[0][f"test/acc1/{name}"] <= 100
-    assert ("train/synergy/main->c2" in records[0]) == (method == "dks")
+    assert ("train/synergy/main->c2" in records[0]) == (method in ("dks", "dhm", "byot"))
+    assert ("train/synergy/c2->main" in records[0]) == (method in ("dks", "dhm"))
+    assert ("train/hint/c2" in records[0]) == (method == "byot")
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header == list(records[0])
     stripped = run("strip", "run/last.pt", "-o", "r32.pt")  # every method's checkpoint strips
@@ -58,8 +60,12 @@ def test_one_epoch_per_method_writes_checkpoints_and_metrics(run, tmp_path, meth
     assert all(name in evaluated.output for name in classifiers)
 
 
-def test_interrupt_and_resume_is_bit_identical(tmp_path):
-    spec = toy()
+@pytest.mark.parametrize("objective", [{}, {"train": {"method": "sdn"}},
+                                       {"train": {"method": "dhm"}, "synergy": {"pair_drop": 0.5}},
+                                       {"train": {"method": "byot"}}], ids=["dks", "sdn", "dhm-drop", "byot"])
+def test_interrupt_and_resume_is_bit_identical(tmp_path, objective):
+    """Weights ramped per step (sdn), pairs dropped per step (dhm) and hint adapters (byot) resume exactly too."""
+    spec = parse_spec({**TOY, **objective, "train": {**TOY["train"], **objective.get("train", {})}})
     reference = Trainer(spec, config(tmp_path / "a"))
     reference.fit()
 

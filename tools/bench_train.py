@@ -65,14 +65,14 @@ class Setup:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
         self.loss_fn = SynergyLoss.for_model(self.model, method).to(device)
+        self.model.with_features = self.loss_fn.hints
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         classes = int(spec.backbone.kwargs.get("num_classes", 1000))
         self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), device=device)
 
     def step(self) -> dict:
-        logits = self.model(self.x)
-        out = self.loss_fn(logits, self.y)
+        out, logits = self.loss_fn.of_output(self.model(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         self.opt.step()
@@ -186,6 +186,7 @@ def throughput(spec_file: str, size: int, batch: int, method: str, data: str, co
     torch.manual_seed(0)
     model = augment(run_spec(spec)).to(device).to(memory_format=torch.channels_last)
     loss_fn = SynergyLoss.for_model(model, method).to(device)
+    model.with_features = loss_fn.hints
     optimizer, scheduler = optim_lib.build(spec.train, model.parameters(), 1, steps)
     normalize = Normalizer((0.5,) * 3, (0.25,) * 3, device, channels_last=True)
     workers = default_workers(device) if workers is None else workers

@@ -32,7 +32,8 @@ __all__ = ["Branch", "build_branch"]
 
 
 class Branch(nn.Module):
-    """Auxiliary classifier: ``stages`` (Sequential of Sequentials of blocks) then ``head``."""
+    """Auxiliary classifier: ``stages`` (Sequential of Sequentials of blocks) then ``head``; an ``adapter``
+    (``nn.Linear``) is added by the augmented model where the objective has feature hints."""
 
     def __init__(self, stages: nn.Sequential, head: nn.Module) -> None:
         super().__init__()
@@ -40,6 +41,10 @@ class Branch(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(x))[0]
+
+    def classify(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The logits and the feature that enters the head's final Linear (None where it has none)."""
         return self.head(self.stages(x))
 
 

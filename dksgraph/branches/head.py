@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from dksgraph.errors import GraphError
-from dksgraph.fx.graph import Traced
+from dksgraph.fx.graph import Traced, final_linear_input
 from dksgraph.fx.tracing import EVAL, attribute_at, in_mode
 
 __all__ = ["build_head", "fresh_copy"]
@@ -32,7 +32,10 @@ def fresh_copy(module: nn.Module) -> nn.Module:
 
 
 def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
-    """A fresh copy of the backbone's head (everything after the final feature map), resized to ``in_shape``."""
+    """A fresh copy of the backbone's head (everything after the final feature map), resized to ``in_shape``.
+
+    The program returns ``(logits, feature)``: the feature is what enters the head's final ``nn.Linear`` (the
+    pooled feature of a CNN, the class token of a ViT), None where the head has no Linear."""
     graph = traced.graphs[EVAL]
     head = set(traced.head)
     new = fx.Graph()
@@ -55,7 +58,8 @@ def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
         if node.op == "call_module":
             root[node.target] = traced.model.get_submodule(node.target)  # replaced by a resized copy below
         if node is result:
-            new.output(env[node])
+            feature = final_linear_input(graph, traced.model)
+            new.output((env[node], env.get(feature)))  # the logits, and what enters the final Linear (hints)
             program = fx.GraphModule(root, new, class_name="Head")
             _Resizer(program).run(torch.zeros((2, *in_shape)))
             return program

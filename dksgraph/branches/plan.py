@@ -69,7 +69,6 @@ class BranchPlan:
     node: str  # the traced node the branch reads (a qualified name of the FX graph)
     tap: str  # the tap point as the spec wrote it (`at:`), or the node's alias for `taps: auto`
     downsamplings: int
-    alpha: float
     reason: str
     stages: tuple[StagePlan, ...]
     in_shape: tuple[int, ...]
@@ -77,10 +76,10 @@ class BranchPlan:
     units: tuple[Unit, ...] = ()  # a segment branch's pieces of the backbone's graph; empty for built stages
 
     @staticmethod
-    def header(traced: Traced, label: str, node: str, alpha: float, tap: str | None, reason: str) -> dict:
+    def header(traced: Traced, label: str, node: str, tap: str | None, reason: str) -> dict:
         """The fields every planner fills the same way, from the tap alone."""
         return {"label": label, "node": node, "tap": tap or traced.alias(node),
-                "downsamplings": traced.downsamplings[node], "alpha": alpha, "reason": reason,
+                "downsamplings": traced.downsamplings[node], "reason": reason,
                 "in_shape": traced.shapes[node]}
 
     @property
@@ -123,7 +122,7 @@ def _plan_copies(stage: Stage, in_shape: tuple[int, ...], depth: int, width: flo
 
 
 def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None = None,
-                width: list[float] | None = None, alpha: float = 1.0, tap: str | None = None,
+                width: list[float] | None = None, tap: str | None = None,
                 reason: str = "", branch_copy: str = "segment") -> BranchPlan:
     """Decide the branch for a tap at ``node`` (builds nothing).
 
@@ -141,7 +140,6 @@ def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
         node: the traced node the branch reads (the tap's resolved qualified name).
         depth: blocks per branch stage, one per downsampling between the tap and f (default: the backbone's).
         width: channel multiplier per branch stage (default 1.0).
-        alpha: the weight of this classifier's cross-entropy in the loss.
         tap: the spec's name for the tap point (default: the node's alias).
         reason: why this tap was chosen (``taps: auto``), shown by ``inspect`` and ``augment``.
         branch_copy: the spec's ``branch_copy``: ``"segment"`` or ``"blocks"``, for stages without a family builder.
@@ -162,7 +160,7 @@ def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
     by_family = downsamplings == 0 or all(families) or (branch_copy == "blocks" and len(stages) == downsamplings)
     planner = _plan_stages if by_family else _plan_segment
     return planner(traced, label, node, stages, families, depth, width,
-                   BranchPlan.header(traced, label, node, alpha, tap, reason))
+                   BranchPlan.header(traced, label, node, tap, reason))
 
 
 def _check_lengths(label: str, traced: Traced, node: str, depth, width, own_depths: list[int]) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Po
 
 from dksgraph.errors import DksError, SpecError
 from dksgraph.names import RunFile
-from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method, PairSet, Schedule, _Strict,
-                           apply_overrides, describe_errors, parse_spec, read_yaml)
+from dksgraph.objective import resolve_objective
+from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method, ObjectiveSpec, PairSet, Schedule,
+                           SynergySpec, _Strict, apply_overrides, describe_errors, parse_spec, read_yaml)
 from dksgraph.train.metrics import read_history
 from dksgraph.train.runconfig import AmpMode
 
@@ -78,6 +79,13 @@ class Variant(_Strict):
     pairs: PairSet | list[tuple[str, str]] | None = Field(None, description="Replace synergy.pairs.")
 
 
+class MethodTerms(_Strict):
+    """Terms of one method's objective that differ from its preset in this grid (fixed before the grid runs)."""
+
+    synergy: SynergySpec | None = None
+    objective: ObjectiveSpec | None = None
+
+
 class EqualCompute(_Strict):
     """One more arm: ``method`` trained for as long (in wall time) as one run of ``matches`` takes, i.e. for
     ``time_ratio`` times the grid's epochs (the schedule scaled by the one ``--epochs`` rule)."""
@@ -106,6 +114,9 @@ class Grid(_Strict):
     train: GridTrain = Field(default_factory=GridTrain)
     equal_compute: EqualCompute | None = Field(None, description="Add a run of a method (the baseline) trained "
                                                "as long as another (DKS) takes, for every seed.")
+    method_terms: dict[Method, MethodTerms] = Field(
+        default_factory=dict, description="Per method, `synergy:`/`objective:` fields set over its preset in every "
+        "spec of the grid (e.g. `dhm: {synergy: {pair_drop: 0.5}}` for DHM's stochastic variant).")
     compare: list[tuple[str, str]] | None = Field(
         None, description="Pairs [a, b] of arms (methods, or the equal-compute arm) whose per-seed error "
         "differences a - b the report tabulates; default: the last method against every other arm.")
@@ -186,10 +197,13 @@ def with_budget(grid: Grid, **overrides: Any) -> Grid:
 
 
 def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source: str, method: str = "dks",
-                seed: int | None = None) -> dict[str, Any]:
-    """The spec dictionary of one run: the spec file with the variant, the grid's overrides, the method and
-    the seed applied (through :func:`~dksgraph.spec.apply_overrides`, the rule `dksgraph train` follows)."""
+                seed: int | None = None, terms: MethodTerms | None = None) -> dict[str, Any]:
+    """The spec dictionary of one run: the spec file with the variant, the method's terms, the grid's overrides,
+    the method and the seed applied (through :func:`~dksgraph.spec.apply_overrides`, the rule `dksgraph train`
+    follows)."""
     spec = json.loads(json.dumps(base))  # deep copy that also turns tuples into lists
+    for section, given in (terms.model_dump(exclude_none=True) if terms else {}).items():
+        spec[section] = {**(spec.get(section) or {}), **{k: v for k, v in given.items() if v is not None}}
     if variant.taps is not None:
         taps = spec.get("taps")
         if not isinstance(taps, list):
@@ -229,7 +243,8 @@ def plan(grid: Grid, grid_path: str | Path, runs_dir: str | Path) -> list[Run]:
             variants = [Variant(name="")] if method == "baseline" else grid.variants
             for variant in variants:
                 for seed in grid.seeds:
-                    spec = derive_spec(base, variant, train, f"{spec_file} (variant `{variant.name}`)", method, seed)
+                    spec = derive_spec(base, variant, train, f"{spec_file} (variant `{variant.name}`)", method, seed,
+                                       grid.method_terms.get(method))
                     label = "-".join(p for p in (name, variant.name, arm, f"s{seed}") if p)
                     runs.append(Run(spec_file, name, variant.name, method, seed, Path(runs_dir) / label, spec,
                                     _runtime_args(train), arm))
@@ -248,11 +263,36 @@ def _runtime_args(train: GridTrain) -> list[str]:
     return args
 
 
+def same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a run record's settings (``run.json``) are a run's: the same spec, method, seed and flags, with
+    the objective compared as its method expands it, so a record written when specs spelled out the DKS
+    preset's values (``synergy: {pairs: bidirectional, beta: 1, temperature: 1}``, ``alpha: 1``) still matches."""
+    return _canonical(saved) == _canonical(wanted)
+
+
+def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+    settings = json.loads(json.dumps(settings))
+    try:
+        spec = parse_spec(settings["spec"], source="a run record")
+        labels = [t.label for t in spec.taps] if isinstance(spec.taps, list) else []
+        objective = asdict(resolve_objective(spec, labels, settings["method"]))
+    except (KeyError, TypeError, DksError):
+        return settings  # compared as written
+    objective.pop("given")
+    data = settings["spec"]
+    data.pop("synergy", None)
+    data.pop("objective", None)
+    for tap in data["taps"] if isinstance(data.get("taps"), list) else []:
+        tap.pop("alpha", None)
+    settings["objective"] = objective
+    return settings
+
+
 def status(run: Run) -> str:
     """``done`` (trained and scored: a run folder, or its record), ``eval`` (trained), ``resume`` (has a
     last.pt) or ``new``."""
     saved = run.folder / RunFile.RUN
-    if saved.is_file() and json.loads(saved.read_text()) != run.settings():
+    if saved.is_file() and not same_settings(json.loads(saved.read_text()), run.settings()):
         raise DksError(f"`{run.folder}` holds a run with other settings than the grid now asks for (spec, method, "
                        "seed or budget changed). Delete that folder to rerun it, or pass another `--runs-dir`.")
     history = read_history(run.folder) if saved.is_file() else []
@@ -285,7 +325,7 @@ def adopt_records(runs: list[Run], record_dirs: list[Path]) -> int:
             continue
         for folder in (Path(d) / run.id for d in record_dirs):
             saved = folder / RunFile.RUN
-            if not saved.is_file() or json.loads(saved.read_text()) != run.settings():
+            if not saved.is_file() or not same_settings(json.loads(saved.read_text()), run.settings()):
                 continue
             original, run.folder = run.folder, folder
             if status(run) == "done":

@@ -27,8 +27,9 @@ RESUMABLE_RECIPE = ("data_dir",)  # where the data lives may change between mach
 
 def _recipe_options(f):
     options = [
-        click.option("--method", type=click.Choice(METHODS), help="dks: taps + synergy pairs; ds: taps, no pairs "
-                     "(deep supervision); baseline: no taps. Default: the spec's train.method."),
+        click.option("--method", type=click.Choice(METHODS), help="The objective's preset: dks (taps + synergy pairs), ds "
+                     "(taps, no pairs), baseline (no taps), byot, dhm, sdn (README, Methods; `dksgraph augment "
+                     "--method` prints it). Default: the spec's train.method."),
         click.option("--dataset", type=click.Choice(DATASETS), help="Default: the spec's train.dataset."),
         click.option("--data-dir", type=click.Path(), help="Where the dataset is (default: the spec's "
                      "train.data_dir); may change on resume."),

@@ -140,7 +140,7 @@ def unused_parameters(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor) 
         was_training = model.training
         model.train()
         try:
-            loss(model(x), y).total.backward()
+            loss.of_output(model(x), y)[0].total.backward()
         finally:
             model.train(was_training)
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]

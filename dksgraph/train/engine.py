@@ -167,8 +167,7 @@ def train_one_epoch(net: nn.Module, loss_fn: SynergyLoss, optimizer: torch.optim
         if seed is not None:
             seed_process(seed, epoch, rank, step)
         with _autocast(device, amp):
-            logits = net(x)
-            out = loss_fn(logits, y)
+            out, logits = loss_fn.of_output(net(x), y, epoch * total + step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(out.total).backward()

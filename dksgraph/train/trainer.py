@@ -88,7 +88,6 @@ class Trainer:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.loss_fn = SynergyLoss.for_model(model, recipe.method).to(device)
         per_rank = recipe.batch_size // self.world.size
         self.train_batches = batches_for(self.spec, "train", per_rank, config, device, self.world)
         self.test_batches = batches_for(self.spec, "test", per_rank, config, device, self.world)
@@ -97,6 +96,8 @@ class Trainer:
         if self.steps == 0:
             raise DksError(f"the training set ({self.train_batches.num_images} images) holds less than one batch per "
                            f"process ({per_rank} images); lower `--batch-size`.")
+        self.loss_fn = SynergyLoss.for_model(model, recipe.method, recipe.epochs * self.steps, recipe.seed).to(device)
+        model.with_features = self.loss_fn.hints
         self.optimizer, self.scheduler = optim_lib.build(recipe, model.parameters(), recipe.epochs, self.steps)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
         net: nn.Module = model
