@@ -4,6 +4,8 @@
 # make reproduce-cpu - baseline/DS/DKS/equal-compute grid where the networks fit (docs/results/cpu_cifar10_fit,
 #                     31 min on 2 cores with AVX-512, 122 min on a slower 2-core CPU without)
 # make reproduce-cpu-underfit - the earlier 75-minute grid in the underfitting regime (docs/results/cpu_cifar10)
+# make reproduce-family - baseline, DS, DKS, BYOT, DHM, SDN at the reproduce-cpu budget (docs/results/cpu_cifar10_family;
+#                        its baseline/DS/DKS runs are reproduce-cpu's committed records)
 # make wheels     - dksgraph's dependencies besides PyTorch as wheels in wheels/, for an offline GPU server's
 #                   Python (PY_VERSION=3.12 by default; PY_VERSION="3.11 3.12" for several)
 # make gpu-data   - the CIFAR-10 tarball copied to data/, where the GPU check looks (wheels/ and data/ travel)
@@ -19,7 +21,7 @@ CIFAR  ?= ../shared/data/cifar10-jpeg.tar.gz
 # The GPU server's Python version(s), for make wheels
 PY_VERSION ?= 3.12
 
-.PHONY: install demo test test-all bench reproduce-cpu reproduce-cpu-underfit wheels gpu-data gpu-check clean
+.PHONY: install demo test test-all bench reproduce-cpu reproduce-cpu-underfit reproduce-family wheels gpu-data gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +49,9 @@ data/cifar10: $(CIFAR)
 
 reproduce-cpu: install data/cifar10
 	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10_fit.yaml --jobs 2 --report-dir docs/results/cpu_cifar10_fit
+
+reproduce-family: install data/cifar10
+	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10_family.yaml --jobs 2 --report-dir docs/results/cpu_cifar10_family
 
 reproduce-cpu-underfit: install data/cifar10
 	$(BIN)/python tools/reproduce.py specs/grids/cpu_cifar10.yaml --report-dir docs/results/cpu_cifar10
