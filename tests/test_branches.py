@@ -83,9 +83,20 @@ def test_depth_list_length_must_match_stage_count():
         augment(_spec([{"at": "layer1", "depth": [5]}]))
 
 
-def test_width_on_family_without_builder_is_refused():
-    with pytest.raises(GraphError, match="no block-family builder for the backbone's stage"):
-        augment(_spec([{"at": "stage2", "width": [2.0]}], model="toynets:odd_net"))
+def test_width_on_a_segment_branch_widens_its_stages_and_what_follows():
+    model = augment(_spec([{"at": "stage1", "name": "c3", "width": [2.0, 1.0]}], model="toynets:odd_net"))
+    plan = model.plans[0]
+    assert plan.segment and [s.out_shape for s in plan.stages] == [(32, 16, 16), (32, 8, 8)]  # 16 -> 32, then 32
+    convs = [m for m in model.branches["c3"].stages.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].in_channels == 8 and convs[0].out_channels == 32  # the tap's input kept, the output widened
+    assert model.branches["c3"].head.fc.in_features == 32
+    assert model(torch.randn(2, 3, 32, 32))["c3"].shape == (2, 10)
+
+
+def test_width_on_copies_of_blocks_without_a_builder_is_refused():
+    with pytest.raises(GraphError, match="no builder for that block family, and `branch_copy: blocks`"):
+        augment(_spec([{"at": "stage2", "width": [2.0]}], model="toynets:odd_net").model_copy(
+            update={"branch_copy": "blocks"}))
 
 
 def test_without_a_builder_the_branch_is_a_fresh_copy_of_the_graph_with_depth_applied():

@@ -69,7 +69,8 @@ BAD_TAPS = {
     "at the final feature map": ("zoo:resnet32", "  - at: layer3\n", "at or after the final feature map `layer3`"),
     "depth length": ("zoo:resnet32", "  - {at: layer1, depth: [5]}\n", "`depth` has 1 entry but this branch has 2 stages"),
     "width length": ("zoo:resnet32", "  - {at: layer2, width: [1.0, 2.0]}\n", "`width` has 2 entries but this branch has 1 stage"),
-    "width without builder": ("toynets:odd_net", "  - {at: stage2, width: [2.0]}\n", "no block-family builder for the backbone's stage(s)"),
+    "width on copied blocks": ("toynets:odd_net", "  - {at: stage2, width: [2.0]}\nbranch_copy: blocks\n",
+                               "no builder for that block family, and `branch_copy: blocks`"),
     "untraceable": ("toynets:gated_net", "  - at: stage1\n", "module `stage2.1.1` (Gate)"),
 }
 

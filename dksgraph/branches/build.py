@@ -57,7 +57,7 @@ def build_branch(traced: Traced, plan: BranchPlan, init: str = "backbone") -> tu
     """The modules of a planned branch, fresh parameters initialised like the backbone's (``init``, see
     :mod:`dksgraph.branches.init`), checked against the plan's shapes; and how they were initialised."""
     if plan.segment:
-        body = nn.Sequential(*build_segment(traced, plan.units))
+        body = nn.Sequential(*build_segment(traced, plan.units, plan.label))
     else:
         body = nn.Sequential(*[nn.Sequential(*(
             _build_copies(traced.stage_at(sp.downsamplings), sp.depth) if sp.family is None

@@ -8,8 +8,9 @@ plan says which family builds each stage and every stage's shape; the summary, t
 :func:`build_branch` read it. The built branch ends with a fresh copy of the backbone's head resized
 to the branch's channels.
 
-Block families with a builder honour ``width``; any other family falls back to fresh copies of
-the backbone's own blocks (re-initialised), where ``width`` must stay 1.0.
+Block families with a builder honour ``width``, and so do segment branches (every convolution of a copied
+stage widened, see :func:`~dksgraph.branches.segments.widen`); ``branch_copy: blocks`` copies of blocks
+without a builder keep the backbone's width.
 
 Example::
 
@@ -25,10 +26,10 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dksgraph.branches.families import default_depth, family_blocks, family_of
-from dksgraph.branches.segments import Unit, segment_units, spans, with_depth
+from dksgraph.branches.segments import Unit, segment_units, spans, widened, with_depth
 from dksgraph.errors import GraphError
 from dksgraph.formatting import fmt_shape
 from dksgraph.fx.blocks import Stage
@@ -100,8 +101,9 @@ def _plan_copies(stage: Stage, in_shape: tuple[int, ...], depth: int, width: flo
     if width != 1.0:
         raise GraphError(
             f"tap `{label}`: width {width} asks for a resized copy of stage `{stage.name}` ({', '.join(names)}), "
-            "but dksgraph has no builder for that block family and can only copy its blocks as they are. "
-            "Use width 1.0 (or omit `width`) for this tap."
+            "but dksgraph has no builder for that block family, and `branch_copy: blocks` copies its blocks as they "
+            "are. Use width 1.0 (or omit `width`) for this tap, or `branch_copy: segment` (the default), which "
+            "widens copied stages."
         )
     first, last = stage.blocks[0], stage.blocks[-1]
     if first.in_shape[0] != in_shape[0]:
@@ -129,8 +131,8 @@ def plan_branch(traced: Traced, label: str, node: str, depth: list[int] | None =
     One stage per downsampling between the tap and f. When every one of them is a backbone stage with
     a block-family builder, the stages are built by the family (``depth`` and ``width`` honoured,
     :func:`_plan_stages`); otherwise the branch is a segment: a fresh copy of the backbone's own graph
-    from the tap to f (``depth`` may shorten or repeat identical blocks, ``width`` must stay 1,
-    :func:`_plan_segment`). A tap at the last downsampling count gets the head alone. ``branch_copy="blocks"``
+    from the tap to f (``depth`` may shorten or repeat identical blocks, ``width`` widens every convolution
+    of a copied stage, :func:`_plan_segment`). A tap at the last downsampling count gets the head alone. ``branch_copy="blocks"``
     (``branch_copy: blocks``, the layout of checkpoints written before segments existed) makes a stage
     without a builder from fresh copies of its whole blocks instead.
 
@@ -184,22 +186,35 @@ def _plan_segment(traced: Traced, label: str, node: str, stages: list[Stage], fa
     units = segment_units(traced, node)
     groups = spans(traced, node, units)
     _check_lengths(label, traced, node, depth, width, [sum(u.block for u in group) for _, group in groups])
-    if width is not None and any(w != 1.0 for w in width):
-        missing = [s.name for s, f in zip(stages, families) if f is None] or ["between the tap and the final map"]
-        raise GraphError(
-            f"tap `{label}`: width {width} asks for resized branch stages, but dksgraph has no block-family "
-            f"builder for the backbone's stage(s) {', '.join(missing)}; it copies them from the backbone's own "
-            "graph as they are. Use width 1.0 (or omit `width`) for this tap."
-        )
     if depth is not None:
         groups = [(count, with_depth(group, blocks, label, group[0].name))
                   for (count, group), blocks in zip(groups, depth)]
+    if width is not None:
+        channels, resized = traced.shapes[node][0], []
+        for (count, group), w in zip(groups, width):
+            group = widened(traced, group, w, label, channels) if group else group
+            channels = group[-1].out_shape[0] if group else channels
+            resized.append((count, group))
+        groups = resized
     plans = tuple(StagePlan(count, f"{group[0].name}..{group[-1].name}" if len(group) > 1 else group[0].name,
                             None, "/".join(dict.fromkeys(u.kind for u in group if u.block)) or "ops",
-                            sum(u.repeat for u in group if u.block), 1.0, group[0].in_shape, group[-1].out_shape)
+                            sum(u.repeat for u in group if u.block), group[0].width, group[0].in_shape,
+                            group[-1].out_shape)
                   for count, group in groups if group)
+    plans = tuple(_chain(plans, traced.shapes[node]))
     units = tuple(u for _, group in groups for u in group)
-    return BranchPlan(**header, stages=plans, out_shape=traced.shapes[traced.final], units=units)
+    return BranchPlan(**header, stages=plans, out_shape=plans[-1].out_shape if plans else traced.shapes[traced.final],
+                      units=units)
+
+
+def _chain(plans: tuple[StagePlan, ...], shape: tuple[int, ...]) -> list[StagePlan]:
+    """Segment stage plans with each input the previous output (widened stages change the channels that follow)."""
+    out = []
+    for sp in plans:
+        sp = replace(sp, in_shape=shape)
+        out.append(sp)
+        shape = sp.out_shape
+    return out
 
 
 def _plan_stages(traced: Traced, label: str, node: str, stages: list[Stage], families: list, depth, width,

@@ -9,7 +9,10 @@ The segment is cut at block boundaries into **units** (a whole block, or the ops
 blocks); each unit is a :class:`Piece` holding fresh copies of the modules it calls (at their
 backbone paths) and one FX program per train/eval mode, as the backbone's own code does. ``depth``
 may shorten or repeat the longest run of identical consecutive blocks (same class, same input and
-output shape) between two downsamplings; width stays the backbone's.
+output shape) between two downsamplings; ``width`` widens a stage: every convolution (and Linear) in it
+gets ``width`` x its output channels, and every module reading a widened map is rebuilt for its new input
+(the stage's first input stays the tap's); a block that cannot be widened (a parameter tied to the
+channel count, a concatenation that does not add up) is refused with the node and the reason.
 
 Example::
 
@@ -31,9 +34,9 @@ from torch import fx, nn
 from dksgraph.branches.head import fresh_copy
 from dksgraph.errors import GraphError
 from dksgraph.fx.graph import Traced
-from dksgraph.fx.tracing import CONSTANTS, attribute_at, copy_view, mode_of, move_constants, view_program
+from dksgraph.fx.tracing import CONSTANTS, EVAL, attribute_at, copy_view, mode_of, move_constants, view_program
 
-__all__ = ["Piece", "Unit", "build_piece", "build_segment", "segment_units", "spans", "with_depth"]
+__all__ = ["Piece", "Unit", "build_piece", "build_segment", "segment_units", "spans", "widen", "widened", "with_depth"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Unit:
     out_shape: tuple[int, ...]
     downsamplings: int
     repeat: int = 1  # 0: dropped by `depth`, n > 1: repeated
+    width: float = 1.0  # the channel multiplier of its stage
 
 
 def segment_units(traced: Traced, node: str) -> list[Unit]:
@@ -106,6 +110,31 @@ def with_depth(units: list[Unit], depth: int, label: str, where: str) -> list[Un
     if length > len(run):
         out[run[-1]] = replace(units[run[-1]], repeat=1 + length - len(run))
     return out
+
+
+def widened(traced: Traced, units: list[Unit], width: float, label: str, channels: int) -> list[Unit]:
+    """``units`` of one span at ``width``, its input ``channels`` wide (the tap's, or a widened span's before it):
+    the planned shapes. A unit that runs a convolution (or Linear) outputs ``width`` x its channels, one without
+    passes its input's through."""
+    if width == 1.0 and channels == units[0].in_shape[0]:
+        return units
+    if any(len(u.out_shape) != 3 for u in units):
+        raise GraphError(f"tap `{label}`: width {width} widens convolution channels, but the branch stage at "
+                         f"`{units[0].name}` carries a token sequence, not a C x H x W map. Use width 1.0 (or omit "
+                         "`width`) for this stage.")
+    out = []
+    for u in units:
+        nodes = _piece_nodes(traced.graphs[EVAL], u)[0]
+        convolves = any(n.op == "call_module" and isinstance(traced.model.get_submodule(n.target),
+                                                              (nn.Conv2d, nn.Linear)) for n in nodes)
+        after = _channels(u.out_shape[0], width) if convolves or u.out_shape[0] != u.in_shape[0] else channels
+        out.append(replace(u, width=width, in_shape=(channels, *u.in_shape[1:]), out_shape=(after, *u.out_shape[1:])))
+        channels = after
+    return out
+
+
+def _channels(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
 
 
 class Piece(nn.Module):
@@ -202,6 +231,102 @@ def _put(root: nn.Module, path: str, value) -> None:
         owner.register_buffer(name, value)
 
 
-def build_segment(traced: Traced, units: tuple[Unit, ...]) -> list[nn.Module]:
-    """The pieces of a planned segment, each repeated unit with its own fresh modules."""
-    return [build_piece(traced, u) for u in units for _ in range(u.repeat)]
+def build_segment(traced: Traced, units: tuple[Unit, ...], label: str = "") -> list[nn.Module]:
+    """The pieces of a planned segment, each repeated unit with its own fresh modules, widened where planned."""
+    pieces = [(u, build_piece(traced, u)) for u in units for _ in range(u.repeat)]
+    if any(u.width != 1.0 for u in units):  # every piece then rebuilt for the map that reaches it
+        x = torch.zeros((2, *units[0].in_shape))  # the tap's map: every piece is sized for what reaches it
+        for unit, piece in pieces:
+            x = widen(piece, unit, x, label)
+    return [piece for _, piece in pieces]
+
+
+def widen(piece: Piece, unit: Unit, x: torch.Tensor, label: str = "") -> torch.Tensor:
+    """Rebuild ``piece``'s modules for ``unit.width``: run it on a probe ``x`` (its input, already widened by the
+    pieces before it) and give every convolution and Linear ``width`` x its output channels and every module its
+    input's channels (at width 1 only the latter, after a widened stage). Returns the piece's output; a GraphError names the node that cannot be widened."""
+    program = piece.__dict__["_programs"][EVAL]
+    try:
+        out = _Widener(program, piece.body, unit.width).run(x)
+    except GraphError as exc:  # a shape error: something in the block is tied to the backbone's channel count
+        raise GraphError(f"tap `{label}`: width {unit.width} cannot widen `{unit.name}` ({unit.kind}): "
+                         f"{str(exc).splitlines()[0]}. Use width 1.0 (or omit `width`) for this stage.") from None
+    if tuple(out.shape[1:]) != unit.out_shape:
+        raise GraphError(f"tap `{label}`: width {unit.width} gives `{unit.name}` ({unit.kind}) an output of "
+                         f"{tuple(out.shape[1:])}, not {unit.out_shape}: its output channels are not one widened "
+                         "convolution's (a concatenation, a fixed channel count). Use width 1.0 (or omit `width`) "
+                         "for this stage.")
+    return out
+
+
+class _Widener(fx.Interpreter):
+    """Runs a piece once in eval mode, replacing each module it calls by one sized for the input it receives."""
+
+    def __init__(self, program: fx.GraphModule, body: nn.Module, width: float) -> None:
+        super().__init__(program)
+        self.body, self.width = body, width
+
+    def call_module(self, target, args, kwargs):
+        x = args[0] if args else None
+        module = self.body.get_submodule(target)
+        if isinstance(x, torch.Tensor):
+            try:
+                module = _resized(module, x, self.width)
+            except ValueError as exc:
+                raise GraphError(f"node `{target}`: {exc}") from None
+            owner, _, name = target.rpartition(".")
+            setattr(self.body.get_submodule(owner) if owner else self.body, name, module)
+        with torch.no_grad():
+            was = module.training
+            module.eval()
+            try:
+                return module(*args, **kwargs)
+            finally:
+                module.train(was)
+
+    def run_node(self, n: fx.Node):
+        with torch.no_grad():
+            try:
+                return super().run_node(n)
+            except GraphError:
+                raise
+            except Exception as exc:
+                params = [f"`{a.target}`" for a in n.all_input_nodes if a.op == "get_attr"]
+                why = (f"it reads {', '.join(params)}, a tensor sized for the backbone's channels" if params else
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                raise GraphError(f"node `{n.name}` fails ({why})") from None
+
+
+def _resized(module: nn.Module, x: torch.Tensor, width: float) -> nn.Module:
+    """A module like ``module`` for the input ``x``, with ``width`` x its output channels where it has them."""
+    channels = x.shape[1]
+    if isinstance(module, nn.Conv2d):
+        m = module
+        if m.groups == 1:
+            groups, out = 1, _channels(m.out_channels, width)
+        elif m.groups == m.in_channels:  # depthwise: one group per input channel, the same multiplier
+            groups, out = channels, channels * (m.out_channels // m.in_channels)
+        else:
+            groups, out = m.groups, _channels(m.out_channels, width)
+            if channels % groups or out % groups:
+                raise ValueError(f"a convolution with {groups} groups cannot take {channels} input and {out} "
+                                 "output channels")
+        return nn.Conv2d(channels, out, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+                         m.padding_mode)
+    if isinstance(module, nn.Linear):  # a pointwise layer on channels-last maps, or a squeeze-excitation's
+        return nn.Linear(x.shape[-1], _channels(module.out_features, width), module.bias is not None)
+    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, nn.GroupNorm):
+        if channels % module.num_groups:
+            raise ValueError(f"GroupNorm's {module.num_groups} groups do not divide {channels} channels")
+        return nn.GroupNorm(module.num_groups, channels, module.eps, module.affine)
+    if isinstance(module, nn.LayerNorm):  # LayerNorm2d (torchvision, timm) normalises dim 1, nn.LayerNorm the last
+        last = x.shape[1] if type(module) is not nn.LayerNorm and x.dim() == 4 else x.shape[-1]
+        clone = copy.deepcopy(module)
+        clone.normalized_shape = (*module.normalized_shape[:-1], last)
+        if module.elementwise_affine:
+            clone.weight = nn.Parameter(torch.ones(clone.normalized_shape))
+            clone.bias = nn.Parameter(torch.zeros(clone.normalized_shape)) if module.bias is not None else None
+        return clone
+    return module
