@@ -246,3 +246,44 @@ def test_hints_on_a_head_without_a_linear_are_refused():
     with pytest.raises(SpecError, match="hint_weight: 0"):
         augment(parse_spec(data))
     augment(parse_spec({**data, "objective": {"hint_weight": 0}}))
+
+
+def test_an_exported_branch_classifier_leaves_the_hint_adapters_behind(tmp_path):
+    from dksgraph.checkpoint import save_checkpoint
+    from dksgraph.deploy import export, load_exported
+
+    byot = spec("byot")
+    model = augment(byot)
+    save_checkpoint(tmp_path / "byot.pt", byot, model)
+    for name in ("c2", "ensemble"):
+        written = export(tmp_path / "byot.pt", tmp_path / f"{name}.pt", name)
+        state = torch.load(written.path, weights_only=True)
+        assert state and not any("adapter" in k for k in state)
+        loaded = load_exported(written.path)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            want = model.eval().logits(x)
+            got = loaded(x)
+        if name == "c2":
+            assert torch.equal(got, want["c2"])
+
+
+def test_hints_on_a_vision_transformer_read_the_class_token():
+    data = {"backbone": {"model": "torchvision.models.vision_transformer:VisionTransformer",
+                         "kwargs": {"image_size": 32, "patch_size": 8, "num_layers": 3, "num_heads": 2,
+                                    "hidden_dim": 48, "mlp_dim": 96, "num_classes": 5}, "input_size": [3, 32, 32]},
+            "taps": "auto", "train": {"method": "byot"}}
+    torch.manual_seed(0)
+    model = augment(parse_spec(data)).train()
+    x = torch.randn(2, 3, 32, 32)
+    logits, feats = model.logits_and_features(x)
+    assert set(feats) == set(model.classifiers) and all(f.shape == (2, 48) for f in feats.values())
+    tokens = {}
+    hook = model.backbone.heads.head.register_forward_hook(lambda m, args, out: tokens.setdefault("cls", args[0]))
+    model.eval()
+    with torch.no_grad():
+        _, eval_feats = model.logits_and_features(x)
+    hook.remove()
+    assert torch.equal(eval_feats["main"], tokens["cls"])  # what enters main's final Linear: the class token
+    out = SynergyLoss.for_model(model)(logits, torch.tensor([0, 1]), features=feats)
+    assert torch.isfinite(out.total) and out.components[SynergyLoss.for_model(model).names.index("hint/c2")] > 0

@@ -1,13 +1,13 @@
-"""Benchmark: training step time of baseline / DS / DKS per backbone, against the FLOPs the branches add;
-and (``--throughput``) end-to-end training images/s through dksgraph's own loop and data paths.
+"""Benchmark: training step time of every method (baseline, DS, DKS, BYOT, DHM, SDN) per backbone, against the
+FLOPs the branches add; and (``--throughput``) end-to-end training images/s through dksgraph's own loop and data paths.
 
     python tools/bench_train.py                   # zoo:resnet32 (batch 64) and torchvision:resnet18 (224, batch 16)
     python tools/bench_train.py --steps 20 --json
     python tools/bench_train.py --throughput --device cuda       # the GPU table of the README
 
-For each backbone, the three methods' models are built from the spec in `specs/` and stepped in
+For each backbone, every method's model is built from the spec in `specs/` and stepped in
 turn on random data (forward, SynergyLoss, backward, SGD step), ``--steps`` rounds after a
-warm-up, so that machine noise hits all three alike; the median step is reported, with its ratio
+warm-up, so that machine noise hits all alike; the median step is reported, with its ratio
 to baseline, the FLOPs ratio of the augmented vs the plain model (torch.utils.flop_counter,
 forward), the share of a step spent in SynergyLoss (its forward + backward on the step's logits)
 and peak memory (one fresh process per method; VmHWM on Linux, max allocated on CUDA).
@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 from dksgraph.errors import first_line
-from dksgraph.spec import METHODS as SPEC_METHODS
+from dksgraph.objective import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = {  # name: (spec, input size, batch)
     "zoo:resnet32": ("resnet32.yaml", 32, 64),
     "torchvision:resnet18": ("resnet18.yaml", 224, 16),
 }
-METHODS = tuple(reversed(SPEC_METHODS))  # baseline, ds, dks: the order of the ratios
+METHODS = tuple(PRESETS)  # baseline, ds, dks, byot, dhm, sdn: the order of the ratios
 
 
 def sync(device: torch.device) -> None:
@@ -71,12 +71,14 @@ class Setup:
         self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), device=device)
 
-    def step(self) -> dict:
-        out, logits = self.loss_fn.of_output(self.model(self.x), self.y)
+    def step(self):
+        """One training step; returns the model's output (the logits, and the hint features where there are)."""
+        output = self.model(self.x)
+        out, _ = self.loss_fn.of_output(output, self.y)
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         self.opt.step()
-        return logits
+        return output
 
     def timed(self, fn) -> float:
         sync(self.device)
@@ -85,13 +87,15 @@ class Setup:
         sync(self.device)
         return time.perf_counter() - start
 
-    def loss_time(self, logits: dict) -> float:
-        leaf = {k: v.detach().requires_grad_(True) for k, v in logits.items()}
-        return self.timed(lambda: self.loss_fn(leaf, self.y).total.backward())
+    def loss_time(self, output) -> float:
+        leaf = [{k: v.detach().requires_grad_(True) for k, v in part.items()}
+                for part in (output if isinstance(output, tuple) else (output,))]
+        return self.timed(lambda: self.loss_fn.of_output(tuple(leaf) if len(leaf) > 1 else leaf[0],
+                                                         self.y)[0].total.backward())
 
 
 def time_methods(backbone: str, steps: int, device_name: str, channels_last: bool = False) -> dict:
-    """Step times of the three methods, interleaved step by step so machine noise hits all alike."""
+    """Step times of every method, interleaved step by step so machine noise hits all alike."""
     device = torch.device(device_name)
     setups = {m: Setup(backbone, m, device, channels_last) for m in METHODS}
     for s in setups.values():
@@ -103,8 +107,8 @@ def time_methods(backbone: str, steps: int, device_name: str, channels_last: boo
             times[m].append(s.timed(s.step))
     out = {}
     for m, s in setups.items():
-        logits = s.step()
-        loss_s = statistics.median(s.loss_time(logits) for _ in range(max(steps, 20)))
+        output = s.step()
+        loss_s = statistics.median(s.loss_time(output) for _ in range(max(steps, 20)))
         step_s = statistics.median(times[m])
         out[m] = {"backbone": backbone, "method": m, "batch": s.batch, "input": s.size, "step_ms": step_s * 1e3,
                   "flops_ratio": s.flops_ratio, "loss_share_pct": 100 * loss_s / step_s,

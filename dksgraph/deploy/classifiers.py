@@ -9,7 +9,8 @@ Every module is a copy in eval mode: no parameter is shared with the augmented m
 
 Example::
 
-    >>> from dksgraph.augmented import augment
+    >>> from dksgraph.branches.build import Branch
+from dksgraph.augmented import augment
     >>> from dksgraph.spec import parse_spec
     >>> model = augment(parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}}))
     >>> c2 = classifier(model, "c2")
@@ -26,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from dksgraph.augmented import AugmentedModel
+from dksgraph.branches.build import Branch
 from dksgraph.deploy.strip import strip
 from dksgraph.errors import DksError
 from dksgraph.fx.tracing import CONSTANTS, EVAL, graph_module
@@ -98,7 +100,11 @@ def classifier(model: AugmentedModel, name: str, members: list[str] | None = Non
         module = Ensemble(trunk, branches, chosen, taps)
     else:
         module = TapClassifier(trunk, model.branches[name])
-    return copy.deepcopy(module).eval()
+    module = copy.deepcopy(module).eval()
+    for part in module.modules():  # hint adapters serve the training loss only; no classifier's output needs them
+        if isinstance(part, Branch) and hasattr(part, "adapter"):
+            del part.adapter
+    return module
 
 
 def _cut(model: AugmentedModel, nodes: list[str], ensemble: bool, keep_output: bool) -> fx.GraphModule:

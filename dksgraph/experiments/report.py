@@ -25,7 +25,7 @@ from dksgraph.train.metrics import read_history
 __all__ = ["METHOD_NAMES", "Result", "arm_name", "classifier_table", "curves", "error_table", "gap_table",
            "load_results", "markdown", "mean_std", "paired_table", "plot_curves", "run_table", "time_table"]
 
-METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dks": "DKS"}
+METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dks": "DKS", "byot": "BYOT", "dhm": "DHM", "sdn": "SDN"}
 
 
 def arm_name(arm: str) -> str:

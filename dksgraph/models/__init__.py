@@ -30,8 +30,11 @@ class ZooEntry(NamedTuple):
 
 ZOO: dict[str, ZooEntry] = {
     "resnet32": ZooEntry(cifar_resnet.resnet32, "He et al. 2016, Sec. 4.2 (6n+2, n=5, option-A shortcuts)"),
+    "resnet56": ZooEntry(cifar_resnet.resnet56, "He et al. 2016, Sec. 4.2 (n=9; SDN's CIFAR ResNet-56)"),
     "resnet110": ZooEntry(cifar_resnet.resnet110, "He et al. 2016, Sec. 4.2 (n=18)"),
     "resnet1202": ZooEntry(cifar_resnet.resnet1202, "He et al. 2016, Sec. 4.2 (n=200)"),
+    "resnet18_cifar": ZooEntry(cifar_resnet.resnet18_cifar, "torchvision's ResNet-18 with a 3x3 stride-1 stem and "
+                               "no max-pool (BYOT's CIFAR ResNet-18)"),
     "densenet40": ZooEntry(densenet.densenet40, "Huang et al. 2017 (L=40, k=12, no bottleneck)"),
     "densenet100": ZooEntry(densenet.densenet100, "Huang et al. 2017 (L=100, k=12, no bottleneck)"),
     "densenet_bc100": ZooEntry(densenet.densenet_bc100, "Huang et al. 2017 (DenseNet-BC, L=100, k=12)"),

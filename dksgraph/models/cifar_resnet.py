@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models import resnet18
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "resnet110", "resnet1202", "resnet32"]
 
@@ -81,9 +82,23 @@ def resnet32(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(32, num_classes)
 
 
+def resnet56(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(56, num_classes)
+
+
 def resnet110(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(110, num_classes)
 
 
 def resnet1202(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(1202, num_classes)
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (a 3x3 stride-1 convolution, no max-pool), the network
+    of BYOT's CIFAR-100 results (Zhang et al. 2019): 4 stages at 32, 16, 8, 4 pixels for a 32x32 input."""
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model

@@ -179,6 +179,7 @@ def _train(trainer, spec, config, world) -> None:
                    f"x{trainer.world.size}: {trainer.train_batches.num_images} train / "
                    f"{trainer.test_batches.num_images} test images ({data}), from {start} to epoch "
                    f"{trainer.recipe.epochs}, run folder {config.out}")
+        click.echo("\n".join(trainer.loss_fn.objective.describe()))
         for note in trainer.notes:
             click.echo(f"  {note}")
     try:
