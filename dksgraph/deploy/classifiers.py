@@ -9,8 +9,7 @@ Every module is a copy in eval mode: no parameter is shared with the augmented m
 
 Example::
 
-    >>> from dksgraph.branches.build import Branch
-from dksgraph.augmented import augment
+    >>> from dksgraph.augmented import augment
     >>> from dksgraph.spec import parse_spec
     >>> model = augment(parse_spec({"backbone": {"model": "zoo:resnet32", "input_size": [3, 32, 32]}}))
     >>> c2 = classifier(model, "c2")
