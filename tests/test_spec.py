@@ -11,8 +11,10 @@ from dksgraph.spec import load_spec, parse_spec
 def test_shipped_specs_validate(path):
     spec = load_spec(path)
     assert spec.name == path.stem
-    # the paper's two auxiliary classifiers; resnet18_taps adds a third for Table 4 / Fig. 2
-    assert spec.taps != "auto" and len(spec.taps) == (3 if path.stem == "resnet18_taps" else 2)
+    # the paper's two auxiliary classifiers; resnet18_taps adds a third for Table 4 / Fig. 2; BYOT's three and
+    # SDN's six internal classifiers
+    taps = {"resnet18_taps": 3, "byot_resnet18_cifar100": 3, "sdn_resnet56": 6}.get(path.stem, 2)
+    assert spec.taps != "auto" and len(spec.taps) == taps
 
 
 def test_name_defaults_to_file_stem(tmp_path):

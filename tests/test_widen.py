@@ -31,8 +31,9 @@ def check_widened_trains_a_step_and_strips(name):
     assert plan.segment
     assert [s.out_shape[0] for s in plan.stages] == [2 * s.out_shape[0] for s in narrow.stages]
     assert plan.stages[0].in_shape == narrow.stages[0].in_shape  # the first input stays the tap's
-    convs = [m for m in model.branches["c2"].stages.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert max(c.out_channels for c in convs) > max(s.out_shape[0] for s in narrow.stages)
+    wide = sum(p.numel() for p in model.branches["c2"].stages.parameters())
+    one = augment(widened_spec(name, 1.0)[0]).branches["c2"].stages
+    assert wide > 2 * sum(p.numel() for p in one.parameters())  # convolutions about 4x, norms 2x
     loss = SynergyLoss.for_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
