@@ -29,7 +29,7 @@ from dksgraph.branches.build import Branch, build_branch
 from dksgraph.branches.plan import BranchPlan, plan_branch
 from dksgraph.checkpoint import checkpoint_spec, load_checkpoint, strict_load
 from dksgraph.errors import GraphError, SpecError
-from dksgraph.fx.graph import Traced, final_linear_input, trace
+from dksgraph.fx.graph import Traced, final_linear, trace
 from dksgraph.fx.tracing import CONSTANTS, EVAL, mode_of, move_constants, view_program
 from dksgraph.models import build_backbone, main_logits
 from dksgraph.names import MAIN, Key
@@ -140,13 +140,11 @@ def main_program(backbone: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 
 def _final_linear(root: nn.Module, graph: fx.Graph, what: str) -> nn.Linear:
     """The ``nn.Linear`` whose input is the feature of a hint term, or a SpecError saying why there is none."""
-    node = final_linear_input(graph, root)
+    node = final_linear(graph, root)
     if node is None:
         raise SpecError(f"feature hints need the pooled feature that enters a classifier's final nn.Linear, but "
                         f"{what} has no nn.Linear in its head. Set `objective.hint_weight: 0` in the spec.")
-    user = next(u for u in node.users if u.op == "call_module" and isinstance(root.get_submodule(u.target),
-                                                                              nn.Linear))
-    return root.get_submodule(user.target)
+    return root.get_submodule(node.target)
 
 
 def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str], feature: bool = False) -> fx.GraphModule:
@@ -167,8 +165,8 @@ def _tap_program(backbone: nn.Module, graph: fx.Graph, taps: list[str], feature:
                 node = new.call_method("clone", (node,))
         features.append(node)
     if feature:
-        pooled = final_linear_input(graph, backbone)
-        features.append(val_map[pooled] if pooled is not None else None)
+        linear = final_linear(graph, backbone)
+        features.append(val_map[linear.args[0]] if linear is not None else None)
     new.output((out, *features))
     return view_program(backbone, new, "TapProgram", getattr(graph, CONSTANTS, {}))
 

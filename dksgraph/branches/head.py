@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from dksgraph.errors import GraphError
-from dksgraph.fx.graph import Traced, final_linear_input
+from dksgraph.fx.graph import Traced, final_linear
 from dksgraph.fx.tracing import EVAL, attribute_at, in_mode
 
-__all__ = ["build_head", "fresh_copy"]
+__all__ = ["build_head", "fresh_copy", "resized_norm"]
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -58,13 +58,25 @@ def build_head(traced: Traced, in_shape: tuple[int, ...]) -> fx.GraphModule:
         if node.op == "call_module":
             root[node.target] = traced.model.get_submodule(node.target)  # replaced by a resized copy below
         if node is result:
-            feature = final_linear_input(graph, traced.model)
-            new.output((env[node], env.get(feature)))  # the logits, and what enters the final Linear (hints)
+            linear = final_linear(graph, traced.model)
+            new.output((env[node], env.get(linear.args[0]) if linear is not None else None))  # the logits, and what enters the final Linear (hints)
             program = fx.GraphModule(root, new, class_name="Head")
             _Resizer(program).run(torch.zeros((2, *in_shape)))
             return program
     raise GraphError("could not isolate the backbone's head after its final feature map; dksgraph needs the "
                      "classifier to be computed from the final feature map alone.")
+
+
+def resized_norm(module: nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm, channels: int) -> nn.Module:
+    """A fresh BatchNorm or LayerNorm like ``module`` over ``channels`` (a LayerNorm's last normalised dim)."""
+    if isinstance(module, nn.LayerNorm):
+        clone = copy.deepcopy(module)
+        clone.normalized_shape = (*module.normalized_shape[:-1], channels)
+        if module.elementwise_affine:
+            clone.weight = nn.Parameter(torch.ones(clone.normalized_shape))
+            clone.bias = nn.Parameter(torch.zeros(clone.normalized_shape)) if module.bias is not None else None
+        return clone
+    return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
 
 
 class _Resizer(fx.Interpreter):
@@ -91,16 +103,11 @@ def _resized(module: nn.Module, x: object, name: str) -> nn.Module:
     if isinstance(module, nn.LayerNorm) and x.dim() == 4 and x.shape[-1] != module.normalized_shape[-1]:
         channels = x.shape[1]  # a channels-first LayerNorm (torchvision's LayerNorm2d)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.num_features != channels:
-        return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
+        return resized_norm(module, channels)
     if isinstance(module, nn.Linear) and module.in_features != channels:
         return nn.Linear(channels, module.out_features, module.bias is not None)
     if isinstance(module, nn.LayerNorm) and module.normalized_shape[-1] != channels:
-        clone = copy.deepcopy(module)
-        clone.normalized_shape = (*module.normalized_shape[:-1], channels)
-        if module.elementwise_affine:
-            clone.weight = nn.Parameter(torch.ones(clone.normalized_shape))
-            clone.bias = nn.Parameter(torch.zeros(clone.normalized_shape)) if module.bias is not None else None
-        return clone
+        return resized_norm(module, channels)
     if isinstance(module, nn.Conv2d) and module.in_channels != channels:
         if module.groups != 1:
             raise GraphError(f"the head's grouped convolution `{name}` cannot be resized to {channels} channels.")

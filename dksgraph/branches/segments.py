@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 
-from dksgraph.branches.head import fresh_copy
+from dksgraph.branches.head import fresh_copy, resized_norm
 from dksgraph.errors import GraphError
 from dksgraph.fx.graph import Traced
 from dksgraph.fx.tracing import CONSTANTS, EVAL, attribute_at, copy_view, mode_of, move_constants, view_program
@@ -316,17 +316,11 @@ def _resized(module: nn.Module, x: torch.Tensor, width: float) -> nn.Module:
     if isinstance(module, nn.Linear):  # a pointwise layer on channels-last maps, or a squeeze-excitation's
         return nn.Linear(x.shape[-1], _channels(module.out_features, width), module.bias is not None)
     if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        return type(module)(channels, module.eps, module.momentum, module.affine, module.track_running_stats)
+        return resized_norm(module, channels)
     if isinstance(module, nn.GroupNorm):
         if channels % module.num_groups:
             raise ValueError(f"GroupNorm's {module.num_groups} groups do not divide {channels} channels")
         return nn.GroupNorm(module.num_groups, channels, module.eps, module.affine)
     if isinstance(module, nn.LayerNorm):  # LayerNorm2d (torchvision, timm) normalises dim 1, nn.LayerNorm the last
-        last = x.shape[1] if type(module) is not nn.LayerNorm and x.dim() == 4 else x.shape[-1]
-        clone = copy.deepcopy(module)
-        clone.normalized_shape = (*module.normalized_shape[:-1], last)
-        if module.elementwise_affine:
-            clone.weight = nn.Parameter(torch.ones(clone.normalized_shape))
-            clone.bias = nn.Parameter(torch.zeros(clone.normalized_shape)) if module.bias is not None else None
-        return clone
+        return resized_norm(module, x.shape[1] if type(module) is not nn.LayerNorm and x.dim() == 4 else x.shape[-1])
     return module

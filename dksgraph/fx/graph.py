@@ -32,7 +32,7 @@ from dksgraph.formatting import fmt_shape
 from dksgraph.fx.blocks import Block, GraphFacts, Stage, find_blocks, inside_any, module_spans, stages_of
 from dksgraph.fx.tracing import EVAL, MODES, check_resolution, propagate_shapes, trace_graph
 
-__all__ = ["Traced", "final_linear_input", "trace", "valid_taps"]
+__all__ = ["Traced", "final_linear", "trace", "valid_taps"]
 
 
 @dataclass
@@ -222,14 +222,14 @@ def trace(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -
                   aliases, module_end)
 
 
-def final_linear_input(graph: fx.Graph, root: nn.Module) -> fx.Node | None:
-    """The node whose output enters the last ``nn.Linear`` a graph calls: the feature a classifier's final linear
-    layer reads (a CNN's pooled feature, a ViT's class token); None when the graph calls no Linear."""
+def final_linear(graph: fx.Graph, root: nn.Module) -> fx.Node | None:
+    """The last call of an ``nn.Linear`` in a graph: its input is the feature a classifier's final linear layer
+    reads (a CNN's pooled feature, a ViT's class token); None when the graph calls no Linear."""
     last = None
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.Linear):
             last = node
-    return last.args[0] if last is not None and isinstance(last.args[0], fx.Node) else None
+    return last if last is not None and isinstance(last.args[0], fx.Node) else None
 
 
 def valid_taps(model: nn.Module, input_size, leaf_modules: list[str] | None = None) -> list[str]:
