@@ -203,7 +203,7 @@ def derive_spec(base: dict[str, Any], variant: Variant, train: GridTrain, source
     follows)."""
     spec = json.loads(json.dumps(base))  # deep copy that also turns tuples into lists
     for section, given in (terms.model_dump(exclude_none=True) if terms else {}).items():
-        spec[section] = {**(spec.get(section) or {}), **{k: v for k, v in given.items() if v is not None}}
+        spec[section] = {**(spec.get(section) or {}), **given}
     if variant.taps is not None:
         taps = spec.get("taps")
         if not isinstance(taps, list):
