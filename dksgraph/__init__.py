@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (  # bottom to top; a module may import fr
     ("errors", "names", "formatting"),  # leaves: error types, the names of files and keys, text tables
     ("spec",),  # the YAML spec, validated
     ("objective",),  # methods as presets over the objective's terms, expanded
-    ("checkpoint",),  # atomic writes, dksgraph/1 checkpoints, safe tensor reads
+    ("integrity", "checkpoint"),  # seals written and verified; atomic writes, dksgraph/1 checkpoints, safe reads
     ("models",),  # the model zoo and backbone factories (timm, torchvision, pretrained weights)
     ("fx",),  # tracing, blocks and stages, downsampling counts and taps
     ("branches",),  # plan, then build, the auxiliary classifiers

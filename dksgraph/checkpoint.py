@@ -1,8 +1,10 @@
-"""dksgraph/1 checkpoints: plain data only, written atomically, read with ``weights_only=True``.
+"""dksgraph/1 checkpoints: plain data only, written atomically and sealed, read with ``weights_only=True``.
 
 A checkpoint is ``{"format": "dksgraph/1", "spec": <dict>, "model": state_dict, ...}``; training
 adds ``optimizer``, ``scheduler``, ``epoch``, ``rng`` and ``metrics``. Nothing in it needs
-unpickling arbitrary objects, so :func:`load_checkpoint` refuses files that do.
+unpickling arbitrary objects, so :func:`load_checkpoint` refuses files that do. Every file
+:func:`atomic_save` writes carries a seal (:mod:`dksgraph.integrity`), verified by :func:`read_tensors`
+before the file is read: a damaged file is refused with the tensor that changed.
 
 Example::
 
@@ -24,31 +26,43 @@ from typing import Any, BinaryIO
 import torch
 
 from dksgraph.errors import CheckpointError, WriteError, first_line
+from dksgraph.integrity import ZIP, Seal, seal_file, verify, warn_unsealed
 from dksgraph.names import CHECKPOINT_FORMAT as FORMAT, Key
 from dksgraph.spec import parse_spec
 
-__all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "checkpoint_spec", "link_file", "load_checkpoint",
+__all__ = ["CHECKPOINT_ADVICE", "TEMP_SUFFIX", "Loaded", "atomic_save", "atomic_write", "checkpoint_spec", "link_file", "load_checkpoint",
            "read_tensors", "remove_stale_temps", "save_checkpoint", "strict_load"]
 
 
 TEMP_SUFFIX = ".tmp"  # every file dksgraph writes is first `.NAME.XXXX.tmp` in the same folder
+CHECKPOINT_ADVICE = ("Use another copy of it, or the run's other checkpoint (`best.pt` for `last.pt`, or the "
+                     "reverse); `dksgraph verify FILE...` checks any number of files.")
+
+
+class Loaded(dict):
+    """A file's dictionary, with the :class:`~dksgraph.integrity.Seal` it was verified against before it was read."""
+
+    seal: Seal
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
-                 check: Callable[[Path], None] | None = None) -> Path:
+                 check: Callable[[Path], None] | None = None, seal: str | None = None) -> Path:
     """Write through a temp file in the same folder, fsync, rename, fsync the folder: a crash at any moment
     leaves either the old file or the new one, never a half-written one. The file gets the permissions
     the user's umask gives new files. A failed write (disk full, no permission) leaves nothing behind and
-    raises :class:`WriteError` naming the path and the cause. ``check``, when given, reads the finished
-    temp file back before it gets its name; whatever it raises leaves nothing behind either."""
+    raises :class:`WriteError` naming the path and the cause. ``seal`` (a kind of
+    :mod:`dksgraph.integrity`) appends the file's checksum once it is written. ``check``, when given, reads
+    the finished temp file back before it gets its name; whatever it raises leaves nothing behind either."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b" if seal else "wb") as f:
             write(f)
+            if seal:
+                seal_file(f, seal)
             f.flush()
             os.fsync(f.fileno())
         if check is not None:
@@ -118,8 +132,8 @@ def link_file(source: str | Path, target: str | Path) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` with :func:`atomic_write`'s guarantee."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` with :func:`atomic_write`'s guarantee, sealed."""
+    return atomic_write(path, lambda f: torch.save(obj, f), seal=ZIP)
 
 
 def save_checkpoint(path: str | Path, spec, model: torch.nn.Module, **extra: Any) -> Path:
@@ -152,14 +166,19 @@ def checkpoint_spec(ckpt: dict[str, Any], source: str):
     return parse_spec(data, source=source)
 
 
-def read_tensors(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """A PyTorch file's dictionary, loaded with ``weights_only=True`` (never unpickling arbitrary objects)."""
+def read_tensors(path: str | Path, what: str = "checkpoint", advice: str = CHECKPOINT_ADVICE,
+                 notice: bool = True) -> Loaded:
+    """A PyTorch file's dictionary, loaded with ``weights_only=True`` (never unpickling arbitrary objects) after
+    its seal is verified (a damaged file raises a CheckpointError naming the tensor and ``advice``). A file
+    without a seal (an earlier release's) is read with one notice, unless ``notice`` is False (files that
+    other programs write, such as pretrained weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"{what} `{path}` does not exist. Check the path; training writes `last.pt` and `best.pt` in "
             "its run folder, and `dksgraph augment SPEC --save FILE` writes an untrained one."
         )
+    seal = verify(path, what, advice)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -179,11 +198,17 @@ def read_tensors(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"`{path}` holds a {type(data).__name__}, not a dictionary of tensors; save a "
                               "state_dict (`torch.save(model.state_dict(), path)`).")
-    return data
+    if notice:
+        warn_unsealed(seal, what)
+    loaded = Loaded(data)
+    loaded.seal = seal
+    if hasattr(data, "_metadata"):  # a state_dict's per-module versions, which load_state_dict reads
+        loaded._metadata = data._metadata
+    return loaded
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a dksgraph/1 checkpoint without unpickling arbitrary objects."""
+def load_checkpoint(path: str | Path) -> Loaded:
+    """Load and check a dksgraph/1 checkpoint (its seal verified) without unpickling arbitrary objects."""
     data = read_tensors(path)
     if not isinstance(data, dict) or data.get(Key.FORMAT) != FORMAT:
         found = data.get(Key.FORMAT) if isinstance(data, dict) else type(data).__name__

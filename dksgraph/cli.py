@@ -7,28 +7,45 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
 from pathlib import Path
 
 import click
 
 from dksgraph.errors import DksError
 from dksgraph.formatting import fmt_shape
+from dksgraph.integrity import UnsealedFile
 from dksgraph.names import ENSEMBLE, EXPORT_FORMATS as FORMATS, EXPORT_SUFFIXES as SUFFIXES, MAIN, RENDER_FORMATS, Key
 from dksgraph.spec import METHODS
 
-__all__ = ["augment", "cli", "export", "inspect", "main", "schema", "strip"]
+__all__ = ["augment", "cli", "export", "inspect", "main", "schema", "strip", "verify"]
+
+
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
 
 
 class _Group(click.Group):
-    """Turns a DksError anywhere in a command into its message and its exit status (2 for bad input)."""
+    """Turns a DksError anywhere in a command into its message and its exit status (2 for bad input), and
+    a file read without a checksum into one notice."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except DksError as exc:
-            click.echo(textwrap.fill(f"Error: {exc}", width=100, break_on_hyphens=False, break_long_words=False),
-                       err=True)
-            ctx.exit(exc.exit_code)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UnsealedFile)  # once per file
+            shown = warnings.showwarning
+
+            def show(message, category, *args, **kwargs) -> None:
+                if issubclass(category, UnsealedFile):
+                    click.echo(_paragraph(f"Notice: {message}"), err=True)
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            try:
+                return super().invoke(ctx)
+            except DksError as exc:
+                click.echo(_paragraph(f"Error: {exc}"), err=True)
+                ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,6 +59,7 @@ def cli() -> None:
       dksgraph augment specs/resnet32.yaml --render                  # branches, sizes, picture
       dksgraph augment specs/resnet18.yaml --save init.pt            # an untrained checkpoint
       dksgraph strip init.pt -o resnet18.pt                          # the original network back
+      dksgraph verify runs/r18/*.pt                                  # every file against its checksum
     """
 
 
@@ -191,9 +209,12 @@ def _write_classifier(checkpoint: str, output: str | None, name: str, fmt: str, 
     done = export(source, out, name, fmt, members)
     ckpt = done.checkpoint
     what = f"`{name}`" + (f" ({', '.join(members)})" if members else "")
-    click.echo(f"verified: {what} as {fmt}: {done.check.describe()} against the augmented model")
+    read = ("read after its checksum was verified: " if ckpt.seal.sealed else "read as it is: ") + ckpt.seal.describe()
+    click.echo(f"verified: {what} as {fmt}: {done.check.describe()} against the augmented model of `{source}` "
+               f"({read})")
     extra = f" and {done.path.name}.json" if fmt == "state_dict" else ""
-    click.echo(f"wrote {done.path}{extra} ({done.parameters / 1e6:.3f}M parameters; epoch {ckpt.get('epoch', '?')})")
+    click.echo(f"wrote {done.path}{extra}, sealed ({done.parameters / 1e6:.3f}M parameters; epoch "
+               f"{ckpt.get('epoch', '?')})")
     if name == MAIN:
         branch_keys = [k for k in ckpt[Key.MODEL] if k.startswith(BRANCHES)]
         labels = {k[len(BRANCHES):].split(".", 1)[0] for k in branch_keys}
@@ -234,6 +255,40 @@ def export(checkpoint: str, name: str, members: str | None, fmt: str, output: st
     if chosen and name != ENSEMBLE:
         raise DksError("`--classifiers` names an ensemble's members; use it with `--classifier ensemble`.")
     _write_classifier(checkpoint, output, name, fmt, chosen, f".{name}{SUFFIXES[fmt]}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def verify(files: tuple[str, ...]) -> None:
+    """Check files against the checksum dksgraph sealed them with, without loading them.
+
+    Checkpoints, stripped networks and every export format (a state_dict's JSON sidecar beside it is
+    checked with it). One line per file: `ok`, `damaged` and where (the tensor, record or section),
+    `no checksum` (written by an earlier release, or by another program) or `missing`. Exit status 0
+    only when every file is ok; 1 when one is damaged or carries no checksum; 2 when one is missing.
+
+    \b
+      dksgraph verify runs/r32/last.pt runs/r32/best.pt
+      dksgraph verify runs/*/*.pt
+    """
+    from dksgraph.integrity import DamagedFile, verify_file
+
+    worst = 0
+    for name in files:
+        try:
+            seals = verify_file(name)
+        except DamagedFile as exc:
+            status, detail, code = "damaged", exc.where, 1
+        except DksError:
+            status, detail, code = "missing", "", 2
+        else:
+            sealed = all(seal.sealed for seal in seals)
+            status, code = ("ok", 0) if sealed else ("no checksum", 1)
+            detail = "; ".join(f"{seal.path.name}: {seal.describe()}" if i else seal.describe()
+                               for i, seal in enumerate(seals)).removeprefix("no checksum ")
+        worst = max(worst, code)
+        click.echo(f"{status:<12}{name}" + (f"  {detail}" if detail else ""))
+    raise SystemExit(worst)
 
 
 @cli.command()

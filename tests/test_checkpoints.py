@@ -69,7 +69,10 @@ def test_corrupt_file(run, tmp_path):
     path = saved(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert "not a readable PyTorch file" in _strip_error(run, tmp_path, path)
+    assert "is damaged at its end: the zip end record is missing" in _strip_error(run, tmp_path, path)
+    path.write_bytes(b"\0" * 4096)  # no zip at all
+    out = _strip_error(run, tmp_path, path)
+    assert "not a readable PyTorch file" in out and str(path) in out and "Notice" not in out
 
 
 def test_weights_that_do_not_fit_the_spec(run, tmp_path):

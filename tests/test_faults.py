@@ -299,7 +299,7 @@ def test_a_truncated_last_checkpoint_names_the_file_and_offers_best(run, tmp_pat
     last.write_bytes(data[: len(data) // 2])
     result = run("train", "--resume", "r/last.pt")
     flat = " ".join(result.output.split())
-    assert result.exit_code == 2 and "`r/last.pt` is not a readable PyTorch file" in flat
+    assert result.exit_code == 2 and "`r/last.pt` is damaged at its end" in flat
     assert "`r/best.pt` (epoch" in flat and "--resume r/best.pt" in flat and "Traceback" not in flat
 
 

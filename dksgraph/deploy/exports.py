@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dksgraph.augmented import AugmentedModel, augment, load_with_checkpoint
-from dksgraph.checkpoint import checkpoint_spec
+from dksgraph.checkpoint import Loaded, checkpoint_spec
 from dksgraph.deploy import formats
 from dksgraph.deploy.classifiers import classifier
 from dksgraph.deploy.formats import SIDECAR, Check, identical
@@ -45,7 +45,7 @@ class Exported:
     classifier: str
     check: Check
     parameters: int
-    checkpoint: dict | None  # the checkpoint it came from, when it came from a file
+    checkpoint: Loaded | None  # the checkpoint it came from (with the seal it was verified against), from a file
 
 
 def export(source: AugmentedModel | str | Path, path: str | Path | None = None, classifier_name: str = MAIN,

@@ -9,10 +9,12 @@
 * ``onnx``: ONNX with a dynamic batch size (PyTorch's dynamo exporter; the ``export`` extra).
 * ``torchscript``: a TorchScript module (scripted, else traced; deprecated upstream, kept for old runtimes).
 
-Every file is written under a temporary name in its folder, read back and checked against the
-classifier's output on two probe batches (sizes 2 and 3): ``torch.equal`` for state_dict, exported
-and TorchScript; onnxruntime's output within :data:`ONNX_TOLERANCE` x max(1, max |logit|). A file
-that fails is removed, and nothing is written under the final name.
+Every file is written under a temporary name in its folder, sealed (:mod:`dksgraph.integrity`: a
+checksum inside the file, which plain PyTorch, onnx and onnxruntime skip; the sidecar carries its own),
+read back, its seal verified, and checked against the classifier's output on two probe batches (sizes
+2 and 3): ``torch.equal`` for state_dict, exported and TorchScript; onnxruntime's output within
+:data:`ONNX_TOLERANCE` x max(1, max |logit|). A file that fails is removed, and nothing is written
+under the final name. :func:`load` verifies the seals before it reads.
 
 This module is file I/O only: rebuilding a state_dict's module is the caller's ``rebuild(sidecar)``.
 """
@@ -34,12 +36,16 @@ from torch import nn
 
 from dksgraph.checkpoint import atomic_write, read_tensors
 from dksgraph.errors import CheckpointError, DksError, first_line
+from dksgraph.integrity import PROTOBUF, ZIP, seal_json, verify, verify_json, warn_unsealed
 from dksgraph.names import EXPORT_FORMATS as FORMATS, EXPORT_SUFFIXES as SUFFIXES
 
-__all__ = ["Check", "ONNX_TOLERANCE", "Rebuild", "SIDECAR", "identical", "load", "write"]
+__all__ = ["Check", "EXPORT_ADVICE", "ONNX_TOLERANCE", "Rebuild", "SIDECAR", "identical", "load", "write"]
 
 Rebuild = Callable[[dict], nn.Module]  # a sidecar -> the untrained module whose state_dict the file holds
-SIDECAR = "dksgraph-export/1"
+SIDECAR = "dksgraph-export/2"  # sealed (a `checksum` field)
+_UNSEALED_SIDECAR = "dksgraph-export/1"  # earlier releases' sidecars, read with a notice
+EXPORT_ADVICE = ("Export it again from its checkpoint (`dksgraph export CKPT ...`, or `dksgraph strip CKPT` for the "
+                 "original network).")
 ONNX_TOLERANCE = 1e-4
 
 
@@ -77,11 +83,12 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
     checks: list[Check] = []
 
     def check(tmp: Path) -> None:
+        verify(tmp, f"the {fmt} file just written")
         checks.append(_check(fmt, _reader(fmt, tmp, sidecar, rebuild), probes, wanted))
         if fmt == "state_dict":
-            atomic_write(_sidecar(Path(path)), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
+            atomic_write(_sidecar(Path(path)), lambda f: f.write(seal_json(sidecar)))
 
-    atomic_write(path, lambda f: _SAVERS[fmt](program, f), check)
+    atomic_write(path, lambda f: _SAVERS[fmt](program, f), check, seal=_SEALS[fmt])
     return checks[0]
 
 
@@ -186,6 +193,7 @@ _CONVERTERS = {"state_dict": lambda module, x: module.state_dict(), "exported": 
                "onnx": _convert_onnx, "torchscript": _convert_torchscript}
 _SAVERS = {"state_dict": _save_torch, "exported": _save_exported, "onnx": _save_onnx,
            "torchscript": _save_torchscript}
+_SEALS = {"state_dict": ZIP, "exported": ZIP, "onnx": PROTOBUF, "torchscript": ZIP}  # every format is a zip but ONNX
 
 
 def _reader(fmt: str, path: Path, sidecar: dict, rebuild: Rebuild) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -202,7 +210,7 @@ def _reader(fmt: str, path: Path, sidecar: dict, rebuild: Rebuild) -> Callable[[
         return _no_grad(program)
     if fmt == "exported":
         return _no_grad(torch.export.load(str(path)).module())
-    return _no_grad(_from_state_dict(path, json.loads(json.dumps(sidecar)), rebuild))  # the sidecar as it reads back
+    return _no_grad(_from_state_dict(path, json.loads(json.dumps(sidecar)), rebuild, notice=False))  # as read back
 
 
 def _no_grad(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -224,10 +232,14 @@ def _need_onnx() -> None:
 
 
 def load(path: str | Path, rebuild: Rebuild) -> nn.Module:
-    """The module in an export file: a ``.pt2`` program, or a state_dict loaded into ``rebuild(sidecar)``."""
+    """The module in an export file: a ``.pt2`` program, or a state_dict loaded into ``rebuild(sidecar)``, each
+    read after its seal (and the sidecar's) is verified."""
     path = Path(path)
     sidecar = _sidecar(path)
     if path.suffix == ".pt2" or not sidecar.is_file() and _is_archive(path):
+        if not path.is_file():
+            raise CheckpointError(f"exported program `{path}` does not exist. Check the path.")
+        warn_unsealed(verify(path, "exported program", EXPORT_ADVICE), "exported program")
         try:
             return torch.export.load(str(path)).module()
         except Exception as exc:
@@ -237,18 +249,17 @@ def load(path: str | Path, rebuild: Rebuild) -> nn.Module:
         raise CheckpointError(f"`{sidecar}` is missing: dksgraph rebuilds a state_dict from the JSON file `dksgraph "
                               "export` writes beside it. Keep the two together (or load the state_dict into the "
                               "model's own class yourself).")
-    try:
-        info = json.loads(sidecar.read_text())
-        assert info.get("format") == SIDECAR
-    except (json.JSONDecodeError, AssertionError):
-        raise CheckpointError(f"`{sidecar}` is not a dksgraph export sidecar ({SIDECAR}); it is damaged.") from None
+    info, seal = verify_json(sidecar, "export sidecar", sealed_formats=(SIDECAR,), advice=EXPORT_ADVICE)
+    if info.get("format") not in (SIDECAR, _UNSEALED_SIDECAR):
+        raise CheckpointError(f"`{sidecar}` is not a dksgraph export sidecar ({SIDECAR}); it is damaged.")
+    warn_unsealed(seal, "export sidecar")
     return _from_state_dict(path, info, rebuild)
 
 
-def _from_state_dict(path: Path, info: dict, rebuild: Rebuild) -> nn.Module:
-    """The module a sidecar describes, holding the state_dict at ``path``, in eval mode."""
+def _from_state_dict(path: Path, info: dict, rebuild: Rebuild, notice: bool = True) -> nn.Module:
+    """The module a sidecar describes, holding the state_dict at ``path`` (its seal verified), in eval mode."""
     module = rebuild(info)
-    module.load_state_dict(read_tensors(path, "exported state_dict"), strict=True)
+    module.load_state_dict(read_tensors(path, "exported state_dict", EXPORT_ADVICE, notice), strict=True)
     return module.eval()
 
 

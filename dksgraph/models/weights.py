@@ -105,7 +105,8 @@ def _from_timm(model: str, kwargs: dict, num_classes: int | None) -> nn.Module:
 
 
 def _from_file(name: str, factory, kwargs: dict, num_classes: int | None, path: Path) -> nn.Module:
-    state = read_tensors(path)
+    state = read_tensors(path, "backbone.weights file", "Copy the weights file again from its source.",
+                         notice=False)  # weights files come from other programs too; a sealed one is verified
     if state.get(Key.FORMAT) == CHECKPOINT_FORMAT:
         state = {k[len("backbone."):]: v for k, v in state[Key.MODEL].items() if k.startswith("backbone.")}
     elif isinstance(state.get("state_dict"), dict):

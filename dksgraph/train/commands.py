@@ -210,20 +210,23 @@ def _train(trainer, spec, config, world) -> None:
 
 
 def _resumable(path: str) -> dict:
-    """The checkpoint to resume, or an error that offers the run's ``best.pt`` when ``last.pt`` is broken."""
+    """The checkpoint to resume, or an error that offers the run's other checkpoint (``best.pt`` for a broken or
+    damaged ``last.pt``, and the reverse) when that one is a different file and reads."""
+    import os
+
     from dksgraph.checkpoint import load_checkpoint
     from dksgraph.errors import CheckpointError
 
     try:
         return load_checkpoint(path)
     except CheckpointError as exc:
-        best = Path(path).with_name(RunFile.BEST)
+        other = Path(path).with_name(RunFile.LAST if Path(path).name == RunFile.BEST else RunFile.BEST)
         hint = ""
-        if best.is_file() and best.resolve() != Path(path).resolve():
+        if other.is_file() and Path(path).is_file() and not os.path.samefile(other, path):
             try:
-                older = load_checkpoint(best)
-                hint = (f" The run's `{best}` (epoch {older.get('epoch', '?')}) is readable: continue from it with "
-                        f"`dksgraph train --resume {best}`.")
+                older = load_checkpoint(other)
+                hint = (f" The run's `{other}` (epoch {older.get('epoch', '?')}) is readable: continue from it with "
+                        f"`dksgraph train --resume {other}`.")
             except CheckpointError:
                 pass
         raise CheckpointError(f"{exc}{hint}") from None
