@@ -188,7 +188,7 @@ class Fake:
 datasets.CIFAR10 = Fake
 distributed.setup(torch.device("cpu"), RunConfig().collective_timeout)
 data._cifar("cifar10", root, True, None)
-distributed.teardown()
+distributed.teardown(finished=True)
 """
 
 

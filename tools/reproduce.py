@@ -4,6 +4,8 @@
     python tools/reproduce.py specs/grids/table1_cifar100.yaml --gpus 0,1,2,3
     python tools/reproduce.py specs/grids/table4_taps_resnet18.yaml --epochs 30 --train-subset 50000
     python tools/reproduce.py specs/grids/cpu_cifar10.yaml --dry-run       # what would run, what is done
+    python tools/reproduce.py specs/grids/table1_cifar100.yaml --slurm --partition gpu --gpus-per-run 1 --time 8:00:00
+    python tools/reproduce.py specs/grids/table1_cifar100.yaml --status    # each run's state, from folders and SLURM
 
 Every run is a normal `dksgraph train` run folder under --runs-dir. Invoking the command again skips
 finished runs and resumes interrupted ones from their last.pt. The report (report.md, curves_*.png/svg)
@@ -17,6 +19,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -67,24 +70,103 @@ def _parse_gpus(text: str | None) -> list[int] | None:
               "instead of trained again; repeatable, added to the grid file's own `reuse:`.")
 @click.option("--dry-run", is_flag=True, help="List the runs and their state; train nothing.")
 @click.option("--report-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
+@click.option("--slurm", is_flag=True, help="Submit every run that is neither done nor queued as a SLURM job (one "
+              "job array, through submitit: the `cluster` extra) and return; the options below default to the grid "
+              "file's `slurm:` section.")
+@click.option("--partition", help="SLURM partition (default: the cluster's default).")
+@click.option("--time", "time_limit", help="Each job's time limit, e.g. 08:00:00; a run that needs longer is "
+              "requeued before the limit and resumes from last.pt.")
+@click.option("--gpus-per-run", type=click.IntRange(min=0), help="GPUs of each run (over all its nodes).")
+@click.option("--cpus-per-run", type=click.IntRange(min=1), help="CPUs of each node of a run.")
+@click.option("--nodes-per-run", type=click.IntRange(min=1), help="Nodes of each run: one torchrun agent per node.")
+@click.option("--tasks-per-node", type=click.IntRange(min=1), help="torchrun agents per node (default 1; more only "
+              "to try a several-node launch on one machine).")
+@click.option("--account", help="SLURM account.")
+@click.option("--qos", help="SLURM quality of service.")
+@click.option("--max-parallel", type=click.IntRange(min=1), help="At most N of the grid's jobs at once.")
+@click.option("--slurm-extra", multiple=True, metavar="KEY=VALUE", help="Any further sbatch option (repeatable), "
+              "e.g. --slurm-extra constraint=a100 --slurm-extra mem=64G.")
+@click.option("--wait", is_flag=True, help="With --slurm: wait until every job has ended, then write the report.")
+@click.option("--status", "show_status", is_flag=True, help="Each run's state (done, pending, running, failed with "
+              "its log's last line, not submitted) from the run folders and the scheduler; submit nothing.")
 def main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-         reuse, dry_run, report_only) -> None:
+         reuse, dry_run, report_only, slurm, partition, time_limit, gpus_per_run, cpus_per_run, nodes_per_run,
+         tasks_per_node, account, qos, max_parallel, slurm_extra, wait, show_status) -> None:
     """Train every run of GRID.yaml that is not finished, then write the markdown report and the curves.
 
     With --report-dir, every finished run's small files (run.json, spec.yaml, metrics.jsonl, final.json; never
     checkpoints) are copied to REPORT_DIR/runs/, so that the report can be rebuilt from them and a later grid
     can reuse them (--reuse, or `reuse:` in the grid file).
     """
+    cluster = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run,
+               "nodes_per_run": nodes_per_run, "tasks_per_node": tasks_per_node, "account": account, "qos": qos,
+               "max_parallel": max_parallel, "extra": _parse_extra(slurm_extra)}
     try:
         _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-              reuse, dry_run, report_only)
+              reuse, dry_run, report_only, slurm, cluster, wait, show_status)
     except DksError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
 
 
+def _parse_extra(items: tuple[str, ...]) -> dict[str, str] | None:
+    if not items:
+        return None
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0].strip()]
+    if bad:
+        raise click.BadParameter(f"`{bad[0]}` is not KEY=VALUE (e.g. `constraint=a100`)", param_hint="--slurm-extra")
+    return {k.strip().lstrip("-"): v for k, v in (item.split("=", 1) for item in items)}
+
+
+def _slurm_options(grid, cluster: dict):
+    given = {k: v for k, v in cluster.items() if v is not None}
+    if "extra" in given:
+        given["extra"] = {**grid.slurm.extra, **given["extra"]}
+    try:
+        return grid_lib.SlurmOptions.model_validate({**grid.slurm.model_dump(), **given})
+    except ValueError as exc:
+        raise DksError(f"the SLURM options do not hold: {exc}") from None
+
+
+def _slurm(runs, grid, runs_dir: Path, cluster: dict, wait: bool, show_status: bool) -> bool:
+    """Submit (or show) the grid's runs on SLURM; True when every run is done (the report can be written)."""
+    from dksgraph.experiments import slurm
+
+    if show_status:
+        rows = slurm.states(runs)
+        for run, state, job, detail in rows:
+            click.echo(f"  {state:<14} {job:<12} {run.id}" + (f"  {detail}" if detail else ""))
+        return False
+    options = _slurm_options(grid, cluster)
+    log_dir = runs_dir.resolve() / "slurm"
+    submitted = slurm.submit(runs, options, log_dir, grid.name)
+    if submitted:
+        click.echo(f"submitted {len(submitted)} job(s) to SLURM ({options.nodes_per_run} node(s), "
+                   f"{options.cpus_per_run} CPU(s), {options.gpus_per_run} GPU(s) per run; time limit {options.time}; "
+                   f"logs in {log_dir}/<job id>/):")
+        for run, job in submitted:
+            click.echo(f"  {job:<12} {run.id}")
+    else:
+        click.echo("nothing to submit: every run is done or already queued")
+    if not wait:
+        click.echo(f"follow them with: python tools/reproduce.py {' '.join(sys.argv[1:2])} --status; "
+                   "the report: the same command with --report-only once they are done")
+        return False
+    while True:
+        rows = slurm.states(runs)
+        if not any(state not in ("done", "failed", "not submitted") for _, state, _, _ in rows):
+            break
+        time.sleep(5)
+    failed = [(run, detail) for run, state, _, detail in rows if state != "done"]
+    for run, detail in failed:
+        click.echo(f"{run.id} did not finish: {detail}", err=True)
+    if failed:
+        raise SystemExit(1)
+    return True
+
+
 def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, test_subset, batch_size, data_dir,
-          reuse, dry_run, report_only) -> None:
+          reuse, dry_run, report_only, slurm=False, cluster=None, wait=False, show_status=False) -> None:
     gpu_list = _parse_gpus(gpus)
     grid = grid_lib.with_budget(grid_lib.load_grid(grid_file), epochs=epochs, train_subset=train_subset,
                                     test_subset=test_subset, batch_size=batch_size, data_dir=data_dir)
@@ -105,7 +187,10 @@ def _main(grid_file, runs_dir, report_dir, gpus, jobs, epochs, train_subset, tes
         for r in runs:
             click.echo(f"  {states[r.id]:<6} {r.id}")
         return
-    if not report_only and counts["done"] < len(runs):
+    if (slurm or show_status) and not report_only:
+        if not _slurm(runs, grid, runs_dir, cluster or {}, wait, show_status):
+            return
+    elif not report_only and counts["done"] < len(runs):
         data = grid.train.data_dir
         if grid.train.dataset == "imagefolder" and data and not (Path(data) / "train").is_dir():
             raise DksError(f"the grid trains on `{data}`, which has no train/ folder. For the shared CIFAR-10: "

@@ -41,8 +41,8 @@ from dksgraph.spec import (BACKBONE_OVERRIDES, RECIPE_OVERRIDES, Dataset, Method
 from dksgraph.train.metrics import read_history
 from dksgraph.train.runconfig import AmpMode
 
-__all__ = ["RECORD_FILES", "EqualCompute", "Grid", "GridTrain", "Run", "Variant", "adopt_records", "commands",
-           "derive_spec", "execute", "load_grid", "plan", "prepare", "save_record", "status", "with_budget"]
+__all__ = ["RECORD_FILES", "EqualCompute", "Grid", "GridTrain", "Run", "SlurmOptions", "Variant", "adopt_records",
+           "commands", "derive_spec", "execute", "load_grid", "plan", "prepare", "save_record", "status", "with_budget"]
 
 
 
@@ -103,6 +103,35 @@ class EqualCompute(_Strict):
         return max(1, round(self.time_ratio * grid_epochs))
 
 
+class SlurmOptions(_Strict):
+    """How each run of a grid is asked of SLURM (a grid file's ``slurm:`` section; ``tools/reproduce.py
+    --slurm`` options override it)."""
+
+    partition: str | None = Field(None, description="Default: the cluster's default partition.")
+    time: str = Field("24:00:00", description="Each job's time limit (SLURM's format); a run that needs longer "
+                      "is requeued and resumes.")
+    gpus_per_run: NonNegativeInt = 0
+    cpus_per_run: PositiveInt = Field(1, description="CPUs of each node of a run (SLURM's --cpus-per-task).")
+    nodes_per_run: PositiveInt = 1
+    tasks_per_node: PositiveInt = Field(1, description="torchrun agents per node: 1, except to try several "
+                                        "nodes' launch on one machine.")
+    account: str | None = None
+    qos: str | None = None
+    max_parallel: PositiveInt | None = Field(None, description="At most this many of the grid's jobs at once.")
+    extra: dict[str, str] = Field(default_factory=dict, description="Further sbatch options, e.g. "
+                                  "`{constraint: a100, mem: 64G}`.")
+    signal_s: PositiveInt = Field(120, description="SIGUSR2 this long before the time limit: save, requeue.")
+
+    @property
+    def agents(self) -> int:
+        """torchrun agents per run (one per task)."""
+        return self.nodes_per_run * self.tasks_per_node
+
+    @property
+    def processes_per_agent(self) -> int:
+        return max(1, self.gpus_per_run // self.agents) if self.gpus_per_run else 1
+
+
 class Grid(_Strict):
     name: str
     description: str = ""
@@ -123,6 +152,7 @@ class Grid(_Strict):
     reuse: list[str] = Field(default_factory=list, description="Folders of run records (a report's runs/, "
                              "relative to the grid file) whose finished runs with the same settings are taken "
                              "instead of trained again.")
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions, description="Defaults of `--slurm` for this grid.")
 
     @property
     def arms(self) -> list[str]:

@@ -10,6 +10,7 @@ change on every resume.
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import get_args
@@ -144,6 +145,7 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
         config = RunConfig(out=out or f"runs/{spec.display_name}-{spec.train.method}", **runtime)
     world, folder = distributed.from_env(), Path(config.out)
     lock = RunLock(folder) if world.is_main else None
+    trainer, finished = None, False
     try:
         if lock is not None:
             lock.acquire()
@@ -158,8 +160,12 @@ def train(spec_path, resume, out, overwrite, **flags) -> None:
                 prepare_run_folder(folder, overwrite)
         trainer = Trainer(spec, config, resume=ckpt)
         _train(trainer, spec, config, world)
+        finished = True
     finally:
-        distributed.teardown()
+        if trainer is not None:
+            trainer.close()
+            trainer = None
+        distributed.teardown(finished)
         if lock is not None:
             lock.release()
 
@@ -183,7 +189,11 @@ def _train(trainer, spec, config, world) -> None:
         for note in trainer.notes:
             click.echo(f"  {note}")
     try:
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except BaseException as exc:  # its frames hold the DDP wrapper, which must not outlive the process group
+            traceback.clear_frames(exc.__traceback__)
+            raise
     except Preempted as exc:
         if world.is_main:
             click.echo(f"\n{exc}", err=True)

@@ -9,6 +9,7 @@ a world of one and every collective here is a no-op. Multi-node runs use ``torch
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "all_reduce_sum", "any_rank", "barrier", "from_env", "main_first", "setup", "sync_buffers",
-           "teardown", "unused_parameters", "world_size", "wrap"]
+__all__ = ["World", "all_reduce_sum", "any_rank", "barrier", "from_env", "gather_ints", "main_first", "setup",
+           "sync_buffers", "teardown", "unused_parameters", "world_size", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,20 @@ def setup(device: torch.device, timeout: float) -> World:
     return world
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool) -> None:
+    """Leave the process group so that nothing of it outlives the interpreter: call it once the DDP wrapper
+    (which holds the group) is dropped. A finished run first waits for every rank (no rank destroys the group
+    while another still uses it); then the group is destroyed and collected, which joins gloo's worker threads
+    while Python is fully alive. A gloo group still referenced when the interpreter shuts down has its threads
+    release Python tensors during finalisation, which aborts the process ("terminate called without an active
+    exception", exit -6), so that a run that finished would be reported as failed by torchrun or a scheduler.
+    """
+    if not dist.is_initialized():
+        return
+    if finished and _active():
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def world_size() -> int:
@@ -84,6 +96,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (used to stop all ranks together)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(t).item() > 0)
+
+
+def gather_ints(value: int, device: torch.device) -> list[int]:
+    """``value`` of every rank, in rank order (``[value]`` in a world of one)."""
+    if not _active():
+        return [value]
+    mine = torch.tensor([value], dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def barrier() -> None:

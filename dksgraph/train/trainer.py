@@ -107,6 +107,10 @@ class Trainer:
                                                    torch.zeros(2, dtype=torch.long, device=device))
             net, note = distributed.wrap(model, device, unused)
             self.notes.append(f"DDP over {self.world.size} processes: {note}")
+        if device.type == "cpu":  # the thread count decides float rounding: runs agree bit for bit only when it does
+            threads = distributed.gather_ints(torch.get_num_threads(), device)
+            self.notes.append(f"CPU threads per process: {', '.join(map(str, threads))}" + (
+                " (rank order)" if len(threads) > 1 else ""))
         self.train_net = torch.compile(net) if config.compile else net
         self.eval_net = torch.compile(model) if config.compile else model
         if config.compile:
@@ -197,6 +201,11 @@ class Trainer:
                                 "check the data.")
 
     # ------------------------------------------------------------------ the loop
+
+    def close(self) -> None:
+        """Drop the DDP wrapper (and compiled forwards): it holds the process group, which
+        :func:`~dksgraph.train.distributed.teardown` must be the last to release."""
+        self.train_net = self.eval_net = None
 
     def fit(self) -> list[dict]:
         """Train from the current position to the recipe's last epoch; returns the run's history."""
