@@ -1,9 +1,12 @@
 """One run per folder: ``run.lock`` names the process training there (pid, host, start time).
 
 A second ``dksgraph train`` on the same folder is refused with the holder's pid and host; a lock
-left by a process that no longer exists on this host (killed, machine rebooted) is taken over.
-The lock file is created with ``O_CREAT | O_EXCL``, so of two runs started at the same moment
-exactly one gets it.
+left by a process that no longer exists on this host (killed, machine rebooted) is taken over, and so
+is one left by a SLURM job that the scheduler no longer runs (a killed job, or an earlier start of this
+same job before it was requeued, on whatever node). The lock file is created with ``O_CREAT | O_EXCL``,
+so of two runs started at the same moment exactly one gets it, on one machine and across the nodes of a
+cluster whose shared file system makes an exclusive create atomic: local file systems, NFS version 3
+and later (the server checks it), Lustre, GPFS/Spectrum Scale, BeeGFS; not NFSv2.
 
 Example::
 
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,7 +43,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-              "process_start": _process_start(os.getpid())}
+              "process_start": _process_start(os.getpid()), "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -95,7 +100,11 @@ def _mtime(path: Path) -> float:
 
 
 def _stale(holder: dict) -> bool:
-    """The holder ran on this host and is gone (or its pid now belongs to another process)."""
+    """The holder is gone: a SLURM job that is this job's earlier start or no longer runs, or a process of
+    this host that has exited (or whose pid now belongs to another process)."""
+    job = holder.get("slurm_job")
+    if job:
+        return job == os.environ.get("SLURM_JOB_ID") or not _job_running(str(job))
     if holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")
@@ -109,6 +118,16 @@ def _stale(holder: dict) -> bool:
         return False
     start = holder.get("process_start")
     return start is not None and _process_start(pid) not in (None, start)
+
+
+def _job_running(job: str) -> bool:
+    """Whether SLURM still runs ``job`` (True when that cannot be asked: a lock is never taken on a guess)."""
+    if shutil.which("squeue") is None:
+        return True
+    done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return "Invalid job id" not in done.stderr  # a job the scheduler has forgotten is gone
+    return done.stdout.strip() in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "STOPPED", "SIGNALING")
 
 
 def _process_start(pid: int) -> int | None:
