@@ -152,3 +152,37 @@ def test_bad_cluster_input_is_refused_before_anything_is_submitted(cluster, tmp_
     assert done.returncode == 2 and message in flat and "Nothing was submitted" in flat, done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.glob("runs/*/slurm.json"))
     assert subprocess.run(["squeue", "-h", "-r"], capture_output=True, text=True).stdout == before
+
+
+def test_a_run_lock_follows_slurm_jobs_across_requeues_and_nodes(cluster, tmp_path, monkeypatch):
+    from dksgraph.errors import DksError
+    from dksgraph.train.runlock import RunLock
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    lock = folder / "run.lock"
+    sleeper = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 120", "-o", "/dev/null"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    try:
+        for _ in range(60):  # until the scheduler runs it
+            if subprocess.run(["squeue", "-h", "-j", sleeper, "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip() == "RUNNING":
+                break
+            time.sleep(0.5)
+        # a lock held on another node by a job that still runs is refused, whatever its pid means here
+        lock.write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "started": time.time(), "slurm_job": sleeper}))
+        with pytest.raises(DksError, match="in use by another `dksgraph train`: pid 1 on node-elsewhere"):
+            RunLock(folder).acquire()
+        # the same job, requeued (on whatever node): its earlier start is gone
+        monkeypatch.setenv("SLURM_JOB_ID", sleeper)
+        taken = RunLock(folder).acquire()
+        assert taken.taken_over["host"] == "node-elsewhere"
+        taken.release()
+        monkeypatch.delenv("SLURM_JOB_ID")
+    finally:
+        subprocess.run(["scancel", sleeper])
+    # a job the scheduler no longer runs (ended, or forgotten)
+    lock.write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "started": time.time(), "slurm_job": "987654"}))
+    taken = RunLock(folder).acquire()
+    assert taken.taken_over["slurm_job"] == "987654" and json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()

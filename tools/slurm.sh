@@ -25,6 +25,7 @@ install_packages() {
     command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
     [ "$(id -u)" = 0 ] || fail "slurm-wlm and munge are not installed and this is not root (run with sudo)"
     command -v apt-get >/dev/null || fail "no apt-get to install slurm-wlm and munge (install them, then rerun)"
+    apt-get update -qq >/dev/null 2>&1 || true
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
         || fail "apt-get install slurm-wlm munge failed"
 }
