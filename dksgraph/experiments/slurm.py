@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dksgraph.checkpoint import atomic_write
 from dksgraph.errors import DksError, close_matches
 from dksgraph.experiments import grid as grid_lib
 from dksgraph.experiments.grid import SlurmOptions
@@ -79,7 +80,9 @@ class RunJob:
             state = grid_lib.status(self.run)
             if state == "new":
                 grid_lib.prepare(self.run)
-            agreed.write_text(state)
+            for old in self.run.folder.glob(".state-*"):  # earlier starts' (their tasks have all read them)
+                old.unlink(missing_ok=True)
+            atomic_write(agreed, lambda f: f.write(state.encode()))
         else:
             _wait_for(agreed)
             state = agreed.read_text()
