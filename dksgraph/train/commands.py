@@ -10,6 +10,7 @@ change on every resume.
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from dataclasses import fields, replace
 from pathlib import Path
@@ -222,8 +223,6 @@ def _train(trainer, spec, config, world) -> None:
 def _resumable(path: str) -> dict:
     """The checkpoint to resume, or an error that offers the run's other checkpoint (``best.pt`` for a broken or
     damaged ``last.pt``, and the reverse) when that one is a different file and reads."""
-    import os
-
     from dksgraph.checkpoint import load_checkpoint
     from dksgraph.errors import CheckpointError
 
