@@ -35,12 +35,12 @@ import dksgraph.checkpoint as checkpoint
 real = checkpoint.atomic_write
 
 
-def slow(path, write):
+def slow(path, write, *args, **kwargs):
     def slowly(f):
         write(f)
         f.flush()
         time.sleep(0.3)
-    return real(path, slowly)
+    return real(path, slowly, *args, **kwargs)
 
 
 checkpoint.atomic_write = slow
