@@ -83,7 +83,6 @@ def write(module: nn.Module, path: str | Path, fmt: str, probes: list[torch.Tens
     checks: list[Check] = []
 
     def check(tmp: Path) -> None:
-        verify(tmp, f"the {fmt} file just written")
         checks.append(_check(fmt, _reader(fmt, tmp, sidecar, rebuild), probes, wanted))
         if fmt == "state_dict":
             atomic_write(_sidecar(Path(path)), lambda f: f.write(seal_json(sidecar)))
@@ -197,6 +196,9 @@ _SEALS = {"state_dict": ZIP, "exported": ZIP, "onnx": PROTOBUF, "torchscript": Z
 
 
 def _reader(fmt: str, path: Path, sidecar: dict, rebuild: Rebuild) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The written file as a function, read after its seal is verified (a state_dict's by read_tensors)."""
+    if fmt != "state_dict":
+        verify(path, f"the {fmt} file just written")
     if fmt == "onnx":
         import onnxruntime
 
